@@ -1,0 +1,194 @@
+"""The transformer of the MobileLLM family, read top to bottom.
+
+Pre-norm RMSNorm blocks, GQA attention with RoPE (rotate-half or interleaved pairs), optional
+parameter-free q/k L2 norm and NoPE layers (Llama-4-text), per-layer local (sliding-window) or global
+attention, SwiGLU MLP, tied embeddings. Module names follow HF Llama so checkpoints map by name.
+
+A KV cache is any object with `update(layer, k, v, positions) -> (k_all, v_all, k_positions)`
+(see mobilellm.infer); the model itself keeps no decoding state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attend, attention_mask
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama-4's parameter-free q/k norm (an RMS norm without weight)."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (B, T, 1, head_dim/2) for integer positions (B, T)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+    return angles.cos()[:, :, None], angles.sin()[:, :, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
+    """Rotate x (B, T, n, hd). 'half' pairs dims (i, i+hd/2); 'interleaved' pairs (2i, 2i+1)."""
+    xf = x.float()
+    if layout == "half":
+        x1, x2 = xf.chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    else:
+        x1, x2 = xf.unflatten(-1, (-1, 2)).unbind(-1)
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.layer_type = config.layer_types[layer]
+        self.use_rope = config.uses_rope(layer)
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.config = config
+        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+
+    def forward(self, x, rope, positions, masks: "MaskCache", cache=None):
+        B, T, _ = x.shape
+        cfg = self.config
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.use_rope:
+            q, k = apply_rope(q, *rope, cfg.rope_layout), apply_rope(k, *rope, cfg.rope_layout)
+            if cfg.qk_norm:
+                q, k = l2_norm(q, cfg.norm_eps), l2_norm(k, cfg.norm_eps)
+        elif cfg.attn_temperature_tuning:
+            # Llama-4 NoPE layers sharpen attention as positions grow.
+            scale = torch.log1p(torch.floor((positions.float() + 1.0) / cfg.attn_floor_scale)) * cfg.attn_scale + 1.0
+            q = (q * scale[:, :, None, None]).type_as(q)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, T, hd)
+        k_pos = positions
+        if cache is not None:
+            k, v, k_pos = cache.update(self.layer, k, v, positions)
+        mask = masks.get(self.layer_type, k_pos)
+        y = attend(q, k, v, mask, masks.backend)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, ffn_dim, bias=False)
+        self.up_proj = nn.Linear(dim, ffn_dim, bias=False)
+        self.down_proj = nn.Linear(ffn_dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config.dim, config.ffn_dim)
+
+    def forward(self, x, rope, positions, masks, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, positions, masks, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MaskCache:
+    """Builds each layer type's mask once per forward; layers look theirs up.
+
+    Plain causal attention over the tokens themselves (no cache, no documents) needs no mask at all:
+    the backend's causal path is faster.
+    """
+
+    def __init__(self, config: ModelConfig, positions, doc_ids, backend: str, has_cache: bool):
+        self.config, self.positions, self.doc_ids, self.backend = config, positions, doc_ids, backend
+        self.plain_causal_ok = doc_ids is None and not has_cache
+        self._masks: dict[str, torch.Tensor | None] = {}
+
+    def get(self, layer_type: str, k_pos: torch.Tensor):
+        if layer_type not in self._masks:
+            if layer_type == "full_attention" and self.plain_causal_ok:
+                self._masks[layer_type] = None
+            else:
+                self._masks[layer_type] = attention_mask(
+                    layer_type, self.positions, k_pos, self.doc_ids, self.doc_ids,
+                    window=self.config.sliding_window, chunk=self.config.attention_chunk_size)
+        return self._masks[layer_type]
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.attn_backend = "sdpa"
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def init_weights(self, seed: int | None = None) -> "Transformer":
+        """Normal(0, init_std) matrices, residual projections scaled by depth (GPT-2), unit norms."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.ndim == 1:
+                nn.init.ones_(p)
+            else:
+                scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=gen) * std * scale)
+        return self
+
+    def hidden_states(self, tokens, positions=None, doc_ids=None, cache=None):
+        """Final-norm hidden states (B, T, dim): what the LM head (and a chunked loss) reads."""
+        B, T = tokens.shape
+        if positions is None:
+            start = cache.next_position if cache is not None else 0
+            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        rope = rope_angles(positions, self.config.head_dim, self.config.rope_theta)
+        masks = MaskCache(self.config, positions, doc_ids, self.attn_backend, cache is not None)
+        x = self.embed_tokens(tokens)
+        for block in self.layers:
+            x = block(x, rope, positions, masks, cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(x)
+
+    def forward(self, tokens, positions=None, doc_ids=None, cache=None):
+        """Logits (B, T, vocab)."""
+        return self.lm_head(self.hidden_states(tokens, positions, doc_ids, cache))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+
+def build_model(config: ModelConfig, device="cpu", dtype=torch.float32, seed: int | None = 0) -> Transformer:
+    """A freshly initialised model; on the meta device nothing is allocated."""
+    with torch.device(device):
+        model = Transformer(config)
+    if str(device) != "meta":
+        model.init_weights(seed)
+    return model.to(dtype)
