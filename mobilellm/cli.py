@@ -18,6 +18,7 @@ from pathlib import Path
 # name -> "module:function". Only finished commands are listed here.
 COMMANDS: dict[str, str] = {
     "info": "mobilellm.commands.info:info",
+    "fetch": "mobilellm.commands.fetch:fetch",
 }
 
 

@@ -238,6 +238,7 @@ class _AtomicFolder:
     def __enter__(self) -> Path:
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.tmp-", dir=self.folder.parent))
+        self.tmp.chmod(0o755)  # mkdtemp's 0700 would make shared caches unreadable
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):

