@@ -19,6 +19,7 @@ from pathlib import Path
 COMMANDS: dict[str, str] = {
     "info": "mobilellm.commands.info:info",
     "fetch": "mobilellm.commands.fetch:fetch",
+    "convert": "mobilellm.commands.convert:convert",
 }
 
 

@@ -109,7 +109,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
         "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "bos_token_id": cfg.bos_id, "eos_token_id": list(cfg.eos_ids) if len(cfg.eos_ids) > 1 else
-        (cfg.eos_ids[0] if cfg.eos_ids else None), "pad_token_id": cfg.pad_id, "torch_dtype": "float32",
+        (cfg.eos_ids[0] if cfg.eos_ids else None), "pad_token_id": cfg.pad_id,
     }
     if cfg.family == "llama":
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "intermediate_size": cfg.ffn_dim,
@@ -275,7 +275,8 @@ def save_pretrained(model: Transformer, folder: str | Path, max_shard_bytes: int
         size += nbytes
     with atomic_folder(folder) as tmp:
         cfg.save(tmp)
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
+        dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps({**config_to_hf(cfg), "torch_dtype": dtype}, indent=2) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         if len(shards) == 1:
