@@ -104,3 +104,18 @@ def test_tied_embeddings_share_storage_and_gradients_flow():
     loss = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.slow  # compiling flex_attention on CPU takes about a minute
+def test_flex_attention_equals_eager_with_windows_and_documents():
+    cfg = ModelConfig.from_name("tiny")
+    model = build_model(cfg, seed=0)
+    tokens = torch.randint(3, cfg.vocab_size, (1, 48))
+    positions = torch.cat([torch.arange(30), torch.arange(18)])[None]
+    doc_ids = torch.cat([torch.zeros(30), torch.ones(18)]).long()[None]
+    with torch.no_grad():
+        model.attn_backend = "flex"
+        flex = model(tokens, positions, doc_ids)
+        model.attn_backend = "eager"
+        eager = model(tokens, positions, doc_ids)
+    torch.testing.assert_close(flex, eager, atol=1e-5, rtol=1e-5)
