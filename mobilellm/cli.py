@@ -20,6 +20,9 @@ COMMANDS: dict[str, str] = {
     "info": "mobilellm.commands.info:info",
     "fetch": "mobilellm.commands.fetch:fetch",
     "convert": "mobilellm.commands.convert:convert",
+    "generate": "mobilellm.commands.generate:generate",
+    "chat": "mobilellm.commands.generate:chat",
+    "kv-cache": "mobilellm.commands.kv_cache:kv_cache",
 }
 
 
