@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from ..artifacts import resolve_checkpoint
 from ..hf import load_pretrained
 from ..infer.chat import ChatSession, generate_text, run_chat
 from ..infer.sampling import SamplingConfig
@@ -11,6 +12,7 @@ from ..tokenizer import Tokenizer
 
 
 def load(checkpoint: str):
+    checkpoint = resolve_checkpoint(checkpoint)
     model = load_pretrained(checkpoint).eval()
     tokenizer = Tokenizer.load(checkpoint)
     tokenizer.check_fits(model.config.vocab_size)
@@ -24,7 +26,7 @@ def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens
     """Continue a prompt with a checkpoint, streaming the text as it is generated.
 
     Args:
-        checkpoint: a checkpoint folder (HF layout with tokenizer.json)
+        checkpoint: a checkpoint folder (HF layout with tokenizer.json), or smollm2-135m to fetch the real one
         prompt: the text to continue (an error if it does not fit the model's context)
         chat: wrap the prompt as one user turn in the tokenizer's chat template
         max_new_tokens: most tokens to generate (also stops at EOS and when the context is full)
@@ -53,7 +55,7 @@ def chat(checkpoint: str, *, system: str | None = None, max_new_tokens: int = 51
     Type a message and press enter; /reset starts a new conversation, /quit (or end of input) leaves.
 
     Args:
-        checkpoint: a checkpoint folder (HF layout with tokenizer.json and a chat template)
+        checkpoint: a checkpoint folder (HF layout with tokenizer.json and a chat template), or smollm2-135m
         system: a system message opening the conversation
         max_new_tokens: most tokens per reply
         max_context: tokens the conversation may hold (capped at the model's context)
