@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..tokenizer import Tokenizer, TokenizerError
+from .files import atomic_file, write_json_atomic
 from .sources import DataError, Source, SourceStats, read_documents
 
 MANIFEST = "manifest.json"
@@ -53,23 +52,9 @@ def is_validation(text: str, val_fraction: float) -> bool:
     return h < val_fraction * 2**64
 
 
-def write_json_atomic(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=1)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as fh:
+    with atomic_file(path, "wb") as fh:
         np.save(fh, array)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def chunk_documents(documents: Iterable[str], shard_chars: int) -> Iterator[list[str]]:
@@ -96,14 +81,17 @@ def _chunk_digest(texts: list[str]) -> str:
 
 # ---- writing ---------------------------------------------------------------------------------------
 def encode_documents(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype, eos_id: int,
-                     batch_docs: int = 256) -> tuple[np.ndarray, np.ndarray]:
+                     batch_docs: int = 64, progress: tqdm | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Tokens of all `texts` back to back, each followed by EOS, and their offsets (n + 1,)."""
     pieces, lengths = [], []
     for start in range(0, len(texts), batch_docs):
-        for ids in tokenizer.encode_batch(texts[start:start + batch_docs]):
+        batch = texts[start:start + batch_docs]
+        for ids in tokenizer.encode_batch(batch):
             ids.append(eos_id)
             pieces.append(np.asarray(ids, dtype=dtype))
             lengths.append(len(ids))
+        if progress is not None:
+            progress.update(sum(map(len, batch)))
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -111,12 +99,12 @@ def encode_documents(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype, eo
 
 
 def _write_shard(out: Path, name: str, texts: list[str], tokenizer: Tokenizer, dtype, eos_id: int,
-                 val_fraction: float) -> dict:
+                 val_fraction: float, progress: tqdm | None = None) -> dict:
     entry = {"name": name, "input_digest": _chunk_digest(texts), "characters": sum(map(len, texts))}
     held_out = [is_validation(t, val_fraction) for t in texts]
     for split in SPLITS:
         chosen = [t for t, v in zip(texts, held_out) if v == (split == "val")]
-        tokens, offsets = encode_documents(tokenizer, chosen, dtype, eos_id)
+        tokens, offsets = encode_documents(tokenizer, chosen, dtype, eos_id, progress=progress)
         files = {"tokens": f"{name}.{split}.tokens.npy", "offsets": f"{name}.{split}.offsets.npy"}
         _save_npy_atomic(out / files["tokens"], tokens)
         _save_npy_atomic(out / files["offsets"], offsets)
@@ -183,11 +171,11 @@ def tokenize_to_shards(domains: dict[str, list[Source]], tokenizer: Tokenizer, o
             old = old_shards[k] if k < len(old_shards) else None
             if _shard_done(out, old, _chunk_digest(texts)):
                 record["shards"].append(old)
+                bar.update(old["characters"])
             else:
                 record["shards"].append(_write_shard(out, f"{name}-{k:05d}", texts, tokenizer, dtype,
-                                                     identity["eos_id"], val_fraction))
+                                                     identity["eos_id"], val_fraction, bar))
                 write_json_atomic(out / MANIFEST, manifest)
-            bar.update(record["shards"][-1]["characters"])
         bar.close()
         _remove_stale_files(out, name, {f for e in record["shards"] for s in SPLITS
                                         for f in (e[s]["tokens"], e[s]["offsets"])})
