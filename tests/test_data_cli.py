@@ -113,9 +113,9 @@ def test_train_tokenizer_shares_the_budget_between_domains(tmp_path):
 def test_a_killed_tokenize_resumes_to_the_same_shards(tmp_path):
     """SIGKILL a real `mobilellm tokenize` mid-way, re-run it, and compare with an uninterrupted run."""
     tiny_tokenizer(tmp_path / "tok")
-    write_jsonl(tmp_path / "d.jsonl", make_texts(6000, seed=4))
+    write_jsonl(tmp_path / "d.jsonl", make_texts(3000, seed=4))
     args = lambda out: ["tokenize", str(tmp_path / "d.jsonl"), "--tokenizer", str(tmp_path / "tok"),  # noqa: E731
-                        "--out", str(out), "--shard-chars", "4000", "--no-progress"]
+                        "--out", str(out), "--shard-chars", "15000", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = subprocess.Popen([sys.executable, "-m", "mobilellm.cli", *args(tmp_path / "killed")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
