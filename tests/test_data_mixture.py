@@ -203,3 +203,16 @@ def test_loader_batches_drive_the_model_and_loss(dataset):
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE_INDEX)
     assert abs(loss.item() - np.log(config.vocab_size)) < 1.0  # an untrained model: near-uniform
     loss.backward()
+
+
+def test_unmasked_packing_is_one_causal_sequence_per_row(dataset):
+    masked = MixtureLoader(dataset, {"short": 1}, seq_len=64, batch_size=2, seed=1)
+    plain = MixtureLoader(dataset, {"short": 1}, seq_len=64, batch_size=2, seed=1, mask_documents=False)
+    a, b = next(masked), next(plain)
+    assert torch.equal(a["tokens"], b["tokens"])  # the same stream, only the labels differ
+    assert torch.equal(b["positions"], torch.arange(64).expand(2, 64)) and (b["doc_ids"] == 0).all()
+    assert torch.equal(b["targets"][:, :-1], b["tokens"][:, 1:])  # EOS -> next document is a target too
+    assert (a["targets"] == IGNORE_INDEX).sum() > 0 == (b["targets"] == IGNORE_INDEX).sum()
+    last = list(validation_batches(dataset, seq_len=48, batch_size=64, mask_documents=False))[-1]
+    padded = last["targets"][-1] == IGNORE_INDEX
+    assert padded.any() and (last["doc_ids"][-1][1:][padded[:-1]] == 1).all()

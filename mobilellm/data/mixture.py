@@ -108,25 +108,27 @@ class MixtureLoader:
     """Endless training batches: dicts of int64 tensors `tokens`, `targets`, `positions`, `doc_ids` (B, T).
 
     `model(batch["tokens"], batch["positions"], batch["doc_ids"])` gives logits whose cross-entropy
-    against batch["targets"] (ignore_index=-100) is the loss.
+    against batch["targets"] (ignore_index=-100) is the loss. mask_documents=False: see window_example.
     """
 
     def __init__(self, dataset: TokenDataset, weights: dict[str, float], *, seq_len: int, batch_size: int,
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, mask_documents: bool = True):
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, got {batch_size}")
         self.sampler = DomainSampler(dataset, weights, seed=seed, rank=rank, world_size=world_size)
         self.packer = Packer(seq_len)
         self.batch_size = batch_size
         self.batches = 0
+        self.mask_documents = mask_documents
         self.setting = {"seq_len": seq_len, "seed": seed, "rank": rank, "world_size": world_size,
-                        "weights": self.sampler.weights}
+                        "weights": self.sampler.weights, "mask_documents": mask_documents}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        rows = [window_example(self.packer.next_row(self.sampler.draw)) for _ in range(self.batch_size)]
+        rows = [window_example(self.packer.next_row(self.sampler.draw), self.mask_documents)
+                for _ in range(self.batch_size)]
         self.batches += 1
         return collate(rows)
 
@@ -147,8 +149,8 @@ class MixtureLoader:
 
 
 def validation_batches(dataset: TokenDataset, *, seq_len: int, batch_size: int, domains: list[str] | None = None,
-                       rank: int = 0, world_size: int = 1, max_batches: int | None = None
-                       ) -> Iterator[dict[str, torch.Tensor]]:
+                       rank: int = 0, world_size: int = 1, max_batches: int | None = None,
+                       mask_documents: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """The held-out documents, in stored order, packed like training batches: fixed and finite.
 
     Row i goes to rank i % world_size; the last row is padded (targets -100) and the last batch may be
@@ -172,7 +174,7 @@ def validation_batches(dataset: TokenDataset, *, seq_len: int, batch_size: int, 
         if segments is None:
             break
         if row_index % world_size == rank:
-            rows.append(window_example(segments))
+            rows.append(window_example(segments, mask_documents))
         row_index += 1
         if len(rows) == batch_size:
             yield collate(rows)
