@@ -75,11 +75,11 @@ class ProgressLog:
             except ImportError:  # tensorboard is optional
                 pass
 
-    def start_at(self, step: int) -> None:
-        """On resume, drop records of steps at or after `step` (a killed run may have logged past its checkpoint)."""
+    def start_at(self, done: int) -> None:
+        """On resume after `done` steps, drop later records (a killed run may have logged past its checkpoint)."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] < step]
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= done]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
