@@ -19,6 +19,8 @@ from pathlib import Path
 COMMANDS: dict[str, str] = {
     "info": "mobilellm.commands.info:info",
     "fetch": "mobilellm.commands.fetch:fetch",
+    "corpus": "mobilellm.commands.corpus:corpus",
+    "tokenize": "mobilellm.commands.tokenize:tokenize",
 }
 
 
