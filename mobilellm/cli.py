@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "fetch": "mobilellm.commands.fetch:fetch",
     "corpus": "mobilellm.commands.corpus:corpus",
     "tokenize": "mobilellm.commands.tokenize:tokenize",
+    "pretrain": "mobilellm.commands.pretrain:pretrain",
+    "plot": "mobilellm.commands.plot:plot",
 }
 
 

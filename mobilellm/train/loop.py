@@ -69,6 +69,12 @@ def checkpoint_blocks(model: nn.Module) -> None:
         block.forward = lambda *args, _inner=inner: checkpoint(_inner, *args, use_reentrant=False)
 
 
+def load_data_state(batches, states: list, parallel) -> None:
+    """Each process takes its own saved stream position; under another process count, the first one's
+    (right for a global stream, and a rank-sharded loader refuses it with its own error)."""
+    batches.load_state_dict(states[parallel.rank] if len(states) == parallel.world_size else states[0])
+
+
 def count_targets(batches: Sequence[dict]) -> torch.Tensor:
     return sum((b["targets"] != IGNORE_INDEX).sum() for b in batches)
 
@@ -113,7 +119,7 @@ def train(model: nn.Module, batches: Iterator[dict], loss: Loss, config: TrainCo
     if resume and (found := latest_checkpoint(run_dir)) is not None:
         state = load_checkpoint(found, model, optimizer, parallel)
         start, bad_steps = state["step"], state["bad_steps"]
-        batches.load_state_dict(state["data"])
+        load_data_state(batches, state["data"], parallel)
     log = ProgressLog(run_dir, config.steps, flops_per_token(model.config, 0), config.peak_flops, parallel.is_main,
                       config.print_every)
     log.start_at(start)
@@ -163,7 +169,7 @@ def train(model: nn.Module, batches: Iterator[dict], loss: Loss, config: TrainCo
             log.validation(step, evaluate(model, val_batches, parallel, autocast))
         if (config.save_every and done % config.save_every == 0) or done == config.steps:
             saved = save_checkpoint(run_dir, done, model, optimizer,
-                                    {"step": done, "bad_steps": bad_steps, "data": batches.state_dict()},
+                                    {"step": done, "bad_steps": bad_steps, "data": parallel.gather_object(batches.state_dict())},
                                     parallel, config.keep_last, extra_files)
     log.close()
     return TrainResult(model, losses, config.steps, saved or latest_checkpoint(run_dir))
