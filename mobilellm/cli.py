@@ -25,6 +25,8 @@ COMMANDS: dict[str, str] = {
     "kv-cache": "mobilellm.commands.kv_cache:kv_cache",
     "corpus": "mobilellm.commands.corpus:corpus",
     "tokenize": "mobilellm.commands.tokenize:tokenize",
+    "pretrain": "mobilellm.commands.pretrain:pretrain",
+    "plot": "mobilellm.commands.plot:plot",
 }
 
 

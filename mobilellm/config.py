@@ -188,8 +188,9 @@ CONFIGS: dict[str, ModelConfig] = {c.name: c for c in [
            layer_types=local_global_pattern(4, 2, last_global=True), sliding_window=8,
            rope_layout="interleaved", family="llama4", bos_id=1, eos_ids=(2,), pad_id=0),
     _llama("tiny-llama", 256, 64, 2, 4, 2, 160, ctx=256, head_dim=16, bos_id=1, eos_ids=(2,), pad_id=0),
-    # The starter student of the README's recipe: pro-1b's shape language at laptop scale.
-    _llama("starter-20m", 8192, 384, 8, 6, 2, 1024, theta=10_000.0, ctx=1024, head_dim=64,
+    # The starter student of the README's recipe: pro-1b's local/global layout at laptop scale, with
+    # SmolLM2's tokenizer (vocab 49,152) so that the real SmolLM2-135M can teach it.
+    _llama("starter-student", 49_152, 256, 8, 4, 2, 768, theta=100_000.0, ctx=2048, head_dim=64,
            layer_types=local_global_pattern(8, 4, last_global=True), sliding_window=128,
-           rope_layout="interleaved", family="llama4", bos_id=1, eos_ids=(2,), pad_id=0),
+           rope_layout="interleaved", family="llama4", bos_id=1, eos_ids=(2,), pad_id=2),
 ]}

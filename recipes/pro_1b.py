@@ -1,0 +1,55 @@
+"""MobileLLM-Pro phase 1 (language learning): KD pretraining of pro-1b on the SDM data mix (SPEC.md 2, 2.1).
+
+From the paper: 640k steps of 2M-token batches (1.4T tokens), peak LR 4e-4 after 10k warmup steps,
+cosine to 0, Adam b1 0.9 / b2 0.95 / eps 1e-8, weight decay 0.1, forward KL to the teacher's full
+distribution instead of one-hot CE. Not published, chosen here:
+- sequence length 4096, 512 rows per step (2,097,152 tokens): the release's base context and eval
+  lengths are 4k, and with 21 of 30 layers sliding (window 512) a 4k window costs little more than 2k;
+  640k steps x 2.1M = 1.34T tokens, close to the reported 1.4T;
+- pure KD (ce_weight 0) at temperature 1, the paper's "in place of CE";
+- 4 rows (16k tokens) per GPU forward, bf16 autocast, per-block torch.compile and activation
+  checkpointing: sized for 80 GB GPUs; gradient accumulation fills the batch for any GPU count.
+The teacher (Llama 4-Scout in the paper), the Llama 4 tokenizer and the tokenized mix are the user's:
+`mobilellm pretrain --recipe pro-1b --teacher DIR --tokenizer DIR --data SHARDS`.
+"""
+
+from __future__ import annotations
+
+from mobilellm.config import ModelConfig
+from mobilellm.train.optim import OptimConfig, Schedule
+from mobilellm.train.recipe import Recipe
+
+STEPS = 640_000
+H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of one H100 SXM
+
+# Phase-1 mix found by SDM, percent (SPEC.md 2); domain names as given to `mobilellm tokenize`.
+SDM_WEIGHTS = {"fineweb-edu": 89.75, "starcoder": 4.66, "openwebmath": 1.92, "arxiv": 1.35, "wiki": 1.02,
+               "stackexchange": 1.02, "algebraic-stack": 0.24}
+
+
+def pro_1b() -> Recipe:
+    return Recipe(
+        name="pro-1b",
+        student=ModelConfig.from_name("pro-1b"),
+        steps=STEPS,
+        schedule=Schedule(peak_lr=4e-4, total_steps=STEPS, warmup_steps=10_000, decay="cosine", final_lr=0.0),
+        seq_len=4096,
+        global_batch_rows=512,
+        micro_batch_rows=4,
+        shards=None,
+        tokenizer=None,
+        domain_weights=SDM_WEIGHTS,
+        teacher=None,
+        loss="kd",
+        kd_temperature=1.0,
+        ce_weight=0.0,
+        optim=OptimConfig(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1),
+        clip_norm=1.0,
+        save_every=2000,
+        eval_every=1000,
+        val_batches=16,
+        print_every=10,
+        compile=True,
+        activation_checkpointing=True,
+        peak_flops=H100_BF16_PEAK,
+    )

@@ -1,0 +1,54 @@
+"""The starter: a 19M-parameter student distilled from the real SmolLM2-135M on a CPU.
+
+The student (`starter-student`) keeps pro-1b's local/global layout and shares SmolLM2's tokenizer
+(vocab 49,152), which KD requires. Data: the starter corpus (Shakespeare, the Python standard library,
+CHAMP math), tokenized once with SmolLM2's tokenizer and cached.
+"""
+
+from __future__ import annotations
+
+from mobilellm.artifacts import cache_root, fetch_smollm2
+from mobilellm.config import ModelConfig
+from mobilellm.train.optim import Schedule
+from mobilellm.train.recipe import Recipe
+
+STEPS = 150
+
+
+def shards_dir():
+    return cache_root() / "shards" / "starter-smollm2-135m"
+
+
+def build_shards() -> None:
+    """Build the starter corpus and tokenize it with SmolLM2's tokenizer, unless already cached."""
+    from mobilellm.data.shards import tokenize_to_shards
+    from mobilellm.data.starter import build_starter_corpus, corpus_sources, default_corpus_dir
+    from mobilellm.tokenizer import Tokenizer
+
+    if (shards_dir() / "manifest.json").exists():
+        return
+    build_starter_corpus(default_corpus_dir())
+    tokenize_to_shards(corpus_sources(default_corpus_dir()), Tokenizer.load(fetch_smollm2()), shards_dir())
+
+
+def starter() -> Recipe:
+    teacher = fetch_smollm2()
+    return Recipe(
+        name="starter",
+        student=ModelConfig.from_name("starter-student"),
+        steps=STEPS,
+        schedule=Schedule(peak_lr=2e-3, total_steps=STEPS, warmup_steps=15, decay="cosine", final_lr=2e-4),
+        seq_len=128,
+        global_batch_rows=4,
+        micro_batch_rows=4,
+        shards=str(shards_dir()),
+        tokenizer=str(teacher),
+        domain_weights={"prose": 0.45, "code": 0.45, "math": 0.10},
+        teacher=str(teacher),
+        loss="kd",
+        save_every=50,
+        eval_every=25,
+        val_batches=4,
+        print_every=1,
+        prepare=build_shards,
+    )
