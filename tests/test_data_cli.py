@@ -13,8 +13,8 @@ import pytest
 from data_helpers import make_texts, tiny_tokenizer, write_jsonl
 from mobilellm.cli import main
 from mobilellm.data import TokenDataset
-from mobilellm.data.starter import (build_starter_corpus, champ_problem_text, corpus_sources, split_play,
-                                    stdlib_records, train_tokenizer)
+from mobilellm.data.starter import (build_starter_corpus, champ_problem_text, corpus_sources, python_doc_records,
+                                    split_play, stdlib_records, train_tokenizer)
 from mobilellm.tokenizer import Tokenizer
 
 
@@ -29,6 +29,12 @@ def test_champ_problem_becomes_problem_solution_answer():
     problem = {"category": "Number-Theory", "_text": "Find x.", "_answer": "3",
                "solution": {"steps": [{"_text": "Step one."}, {"_text": "So x = 3."}]}}
     assert champ_problem_text(problem) == "Problem (Number Theory): Find x.\n\nSolution:\nStep one.\nSo x = 3.\n\nAnswer: 3"
+
+
+def test_python_documentation_topics_are_prose():
+    records = list(python_doc_records())
+    assert len(records) > 50 and all(text.strip() for _, text in records)
+    assert any("__getattr__" in text for _, text in records)
 
 
 def test_stdlib_records_leave_out_tests_and_installed_packages(tmp_path):
@@ -53,8 +59,9 @@ def test_code_corpus_tokenizer_and_shards_through_the_cli(tmp_path, capsys):
     assert all(json.loads(line)["text"].strip() for line in lines)
     tokenizer = Tokenizer.load(corpus / "tokenizer")
     assert tokenizer.vocab_size == 400 and tokenizer.eos_ids
-    assert main(["corpus", "--out", str(corpus), "--domains", "code"]) == 0  # done already: skipped
-    assert "already in" in capsys.readouterr().out
+    assert main(["corpus", "--out", str(corpus), "--domains", "code", "--tokenizer-vocab", "400"]) == 0
+    out = capsys.readouterr().out  # done already: skipped
+    assert "code: " in out and "already in" in out and "tokenizer: 400-token BPE already in" in out
 
     shards = tmp_path / "shards"
     assert main(["tokenize", str(corpus / "code.jsonl"), "--tokenizer", str(corpus / "tokenizer"),
@@ -152,4 +159,5 @@ def test_full_starter_corpus_from_the_registries(tmp_path):
     assert set(corpus_sources(tmp_path)) == {"prose", "code", "math"}
     hamlet = [json.loads(line) for line in (tmp_path / "prose.jsonl").open() if "hamlet" in line]
     assert any("To be, or not to be" in r["text"] for r in hamlet)
+    assert any(line.startswith('{"text"') and "pydoc_data.topics:" in line for line in (tmp_path / "prose.jsonl").open())
     assert elapsed < 120, f"starter corpus took {elapsed:.0f}s"

@@ -160,8 +160,12 @@ def test_validation_batches_are_fixed_and_cover_the_held_out_split(dataset):
     for b in batches:
         _check_batch(b, b["tokens"].shape[0], 48, dataset.eos_id, padded=True)
     assert batches[-1]["targets"][-1, -1] == IGNORE_INDEX  # the padded tail is never a target
-    split = [run(rank=r, world_size=2) for r in range(2)]
-    assert sum(b["tokens"].shape[0] for s in split for b in s) == rows
+    for world_size in (2, 3):
+        split = [run(rank=r, world_size=world_size) for r in range(world_size)]
+        per_rank = [[b["tokens"].shape[0] for b in s] for s in split]
+        assert all(p == per_rank[0] for p in per_rank)  # every rank runs the same batches
+        assert rows <= sum(map(sum, per_rank)) < rows + world_size
+        assert sum(int((b["targets"] != IGNORE_INDEX).sum()) for s in split for b in s) == real
     assert len(run(max_batches=1)) == 1
     assert len(run(domains=["short"])) < len(batches)
 
