@@ -4,7 +4,7 @@ Both train the same config (starter-student in the Llama layout: all-global atte
 Llama runs exactly the same computation) on the same batch: forward, loss, backward, AdamW step. The two
 steps alternate in one process so both see the same machine load; the median per-step time is compared.
 
-    python benchmarks/train_throughput.py [--batch 4] [--seq 256] [--rounds 6]
+    python benchmarks/train_throughput.py [--batch 4] [--seq 256] [--rounds 8] [--threads 1]
 """
 
 from __future__ import annotations
@@ -46,9 +46,11 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="1 is steadier on a shared machine")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_throughput.json"))
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     cfg = ModelConfig.from_name("starter-student").replace(
         family="llama", rope_layout="half", layer_types=all_global(8), sliding_window=None)
