@@ -19,6 +19,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 # (logits (n, V) fp32, rows, need_grad) -> (summed loss, d loss / d logits (n, V) or None). The logits
@@ -66,6 +67,26 @@ def chunked_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, chunk_loss: 
                         chunk_size: int = 1024) -> torch.Tensor:
     """Sum over row chunks of chunk_loss(hidden[rows] @ weight.T); memory O(chunk * V), not O(N * V)."""
     return _ChunkedLinearLoss.apply(hidden, weight, chunk_loss, chunk_size)
+
+
+def _chunk_value(head: nn.Module, hidden: torch.Tensor, rows: slice, chunk_loss: ChunkLoss) -> torch.Tensor:
+    return chunk_loss(head(hidden).float(), rows, False)[0]
+
+
+def head_loss(head: nn.Module, hidden: torch.Tensor, chunk_loss: ChunkLoss, chunk_size: int = 1024) -> torch.Tensor:
+    """The summed chunk loss of head(hidden) (N, V), never holding more than one chunk of logits.
+
+    A plain nn.Linear head takes the fused path (`chunked_linear_loss`). Any other head module, such as
+    a QAT fake-quantized linear, is called as a module, chunk by chunk under activation checkpointing, so
+    its own forward (and backward) applies; its logits are recomputed in the backward.
+    """
+    if type(head) is nn.Linear:
+        return chunked_linear_loss(hidden, head.weight, chunk_loss, chunk_size)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        total = total + checkpoint(_chunk_value, head, hidden[rows], rows, chunk_loss, use_reentrant=False)
+    return total
 
 
 def with_autograd(loss_fn: Callable[[torch.Tensor, slice], torch.Tensor]) -> ChunkLoss:
@@ -143,9 +164,8 @@ class CrossEntropy:
 
     def __call__(self, model, batch):
         hidden, targets = target_rows(model, batch)
-        return chunked_linear_loss(
-            hidden, model.lm_head.weight,
-            lambda logits, rows, need_grad: cross_entropy(logits, targets[rows], need_grad), self.chunk_size)
+        return head_loss(model.lm_head, hidden,
+                         lambda logits, rows, need_grad: cross_entropy(logits, targets[rows], need_grad), self.chunk_size)
 
 
 @dataclass
@@ -176,11 +196,10 @@ class Distillation:
         hidden, targets = target_rows(model, batch)
         with torch.no_grad():
             t_hidden, _ = target_rows(self.teacher, batch)  # (N, D_teacher)
-        t_head = self.teacher.lm_head.weight
 
         def teacher_logits(rows):
             with torch.no_grad():
-                return t_hidden[rows] @ t_head.T  # (n, V)
+                return self.teacher.lm_head(t_hidden[rows])  # (n, V)
 
         def top_k_loss(logits, rows):  # sparse KD: gradient by autograd
             kd = kl_top_k(logits, teacher_logits(rows), self.temperature, self.top_k, self.tail_bucket)
@@ -198,4 +217,4 @@ class Distillation:
             return w * ce + (1 - w) * kd, (grad.mul_(1 - w).add_(ce_grad, alpha=w) if need_grad else None)
 
         chunk_loss = full_loss if self.top_k is None else with_autograd(top_k_loss)
-        return chunked_linear_loss(hidden, model.lm_head.weight, chunk_loss, self.chunk_size)
+        return head_loss(model.lm_head, hidden, chunk_loss, self.chunk_size)
