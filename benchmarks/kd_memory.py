@@ -19,15 +19,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VOCAB, DIM, CHUNK = 202_048, 64, 256
+VOCAB, DIM = 202_048, 64
 
 CHILD = """
 import resource, sys, torch
 import torch.nn.functional as F
 sys.path.insert(0, {root!r})
-from mobilellm.train.losses import chunked_linear_loss, kl_full
+from mobilellm.train.losses import chunk_rows, chunked_linear_loss, kl_full
 torch.set_num_threads(1)
-variant, tokens, vocab, dim, chunk = sys.argv[1], int(sys.argv[2]), {vocab}, {dim}, {chunk}
+variant, tokens, vocab, dim = sys.argv[1], int(sys.argv[2]), {vocab}, {dim}
+chunk = chunk_rows(vocab)  # the losses' default
 g = torch.Generator().manual_seed(0)
 hidden = torch.randn(tokens, dim, generator=g, requires_grad=True)
 weight = (torch.randn(vocab, dim, generator=g) * 0.02).requires_grad_()
@@ -48,7 +49,7 @@ print((after - before) * 1024, loss.item())
 
 def measure(variant: str, tokens: int) -> dict:
     root = str(Path(__file__).resolve().parents[1])
-    code = CHILD.format(root=root, vocab=VOCAB, dim=DIM, chunk=CHUNK)
+    code = CHILD.format(root=root, vocab=VOCAB, dim=DIM)
     out = subprocess.run([sys.executable, "-c", code, variant, str(tokens)], capture_output=True, text=True, check=True)
     extra, loss = out.stdout.split()
     return {"variant": variant, "tokens": tokens, "extra_peak_bytes": int(extra), "extra_peak_mb": int(extra) / 2**20,
@@ -57,13 +58,14 @@ def measure(variant: str, tokens: int) -> dict:
 
 def main():
     from benchmarks.machine import describe_machine
+    from mobilellm.train.losses import chunk_rows
 
     rows = [measure("full", 512), measure("chunked", 512), measure("chunked", 2048)]
     for row in rows:
         print(f"{row['variant']:8s} {row['tokens']:5d} tokens: +{row['extra_peak_mb']:8.1f} MB peak "
               f"(one fp32 logits tensor: {row['one_logits_tensor_mb']:.0f} MB), loss {row['loss']:.3f}")
     full, chunked = rows[0], rows[1]
-    result = {"vocab": VOCAB, "hidden": DIM, "chunk_rows": CHUNK, "runs": rows,
+    result = {"vocab": VOCAB, "hidden": DIM, "chunk_rows": chunk_rows(VOCAB), "runs": rows,
               "full_over_chunked_at_512": full["extra_peak_bytes"] / chunked["extra_peak_bytes"],
               "same_loss_at_512": abs(full["loss"] - chunked["loss"]) <= 1e-3 * abs(full["loss"]),
               "measure": "ru_maxrss growth of a fresh process during loss + backward",

@@ -73,13 +73,19 @@ def _chunk_value(head: nn.Module, hidden: torch.Tensor, rows: slice, chunk_loss:
     return chunk_loss(head(hidden).float(), rows, False)[0]
 
 
-def head_loss(head: nn.Module, hidden: torch.Tensor, chunk_loss: ChunkLoss, chunk_size: int = 1024) -> torch.Tensor:
+def chunk_rows(vocab_size: int, elements: int = 2**25) -> int:
+    """Rows per chunk so one (rows, V) fp32 buffer holds about `elements` values (128 MiB)."""
+    return max(16, elements // vocab_size)
+
+
+def head_loss(head: nn.Module, hidden: torch.Tensor, chunk_loss: ChunkLoss, chunk_size: int | None = None) -> torch.Tensor:
     """The summed chunk loss of head(hidden) (N, V), never holding more than one chunk of logits.
 
     A plain nn.Linear head takes the fused path (`chunked_linear_loss`). Any other head module, such as
     a QAT fake-quantized linear, is called as a module, chunk by chunk under activation checkpointing, so
     its own forward (and backward) applies; its logits are recomputed in the backward.
     """
+    chunk_size = chunk_size or chunk_rows(head.weight.shape[0])
     if type(head) is nn.Linear:
         return chunked_linear_loss(hidden, head.weight, chunk_loss, chunk_size)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -126,11 +132,15 @@ def kl_full(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     """Summed forward KL(teacher || student) over the full vocabulary, scaled by T^2 (Hinton), and its gradient.
 
     d/dz_s [T^2 KL(softmax(z_t/T) || softmax(z_s/T))] = T * (softmax(z_s/T) - softmax(z_t/T)).
+    In-place steps keep five (n, V) buffers alive at most: both logits, log p_s, log p_t, p_t.
     """
-    log_s = F.log_softmax(student_logits / temperature, dim=-1)
-    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    scale = 1.0 / temperature
+    log_s = (student_logits * scale if temperature != 1 else student_logits).log_softmax(-1)
+    teacher_logits = teacher_logits.float()
+    log_t = (teacher_logits.mul_(scale) if temperature != 1 else teacher_logits).log_softmax(-1)
+    del teacher_logits
     p_t = log_t.exp()
-    loss = temperature**2 * (p_t * (log_t - log_s)).sum()
+    loss = temperature**2 * log_t.sub_(log_s).mul_(p_t).sum()
     return loss, (log_s.exp_().sub_(p_t).mul_(temperature) if need_grad else None)
 
 
@@ -160,7 +170,7 @@ def kl_top_k(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
 class CrossEntropy:
     """Next-token cross-entropy against `targets`."""
 
-    chunk_size: int = 1024
+    chunk_size: int | None = None  # rows per chunk; None: about 128 MiB of fp32 logits (`chunk_rows`)
 
     def __call__(self, model, batch):
         hidden, targets = target_rows(model, batch)
@@ -181,7 +191,7 @@ class Distillation:
     ce_weight: float = 0.0
     top_k: int | None = None
     tail_bucket: bool = False
-    chunk_size: int = 1024
+    chunk_size: int | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.ce_weight <= 1.0:
