@@ -131,3 +131,31 @@ def test_progress_line_format(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r"step 00001/00002 \| loss \d+\.\d{4} \| lr \d\.\de[-+]\d\d \| [\d.]+k? tok/s \| "
                         r"mfu n/a \| eta \d+m\d\ds", lines[0]), lines[0]
+
+
+def test_mfu_is_reported_against_a_given_peak(tmp_path, capsys):
+    from mobilellm.train.metrics import flops_per_token
+    model, batches, config = tiny_setup(steps=1)
+    train(model, batches, CrossEntropy(), TrainConfig(steps=1, schedule=config.schedule, peak_flops=1e9), tmp_path)
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert record["mfu"] == pytest.approx(record["tokens_per_s"] * flops_per_token(TINY, 16) / 1e9)
+    assert re.search(r"mfu \d+\.\d%", capsys.readouterr().out)
+
+
+def test_flops_per_token_counts_sliding_layers_by_their_window():
+    from mobilellm.config import ModelConfig
+    from mobilellm.train.metrics import flops_per_token, matmul_params
+    pro = ModelConfig.from_name("pro-1b")
+    assert matmul_params(pro) == 1_084_453_120 - 30 * 2 * 1280 - 1280  # all but the norms
+    attention = 12 * 20 * 64 * (9 * 4096 + 21 * 512)
+    assert flops_per_token(pro, 4096) == 6 * matmul_params(pro) + attention
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager(tmp_path):
+    m1, b1, c1 = tiny_setup(steps=2)
+    m2, b2, c2 = tiny_setup(steps=2, compile=True)
+    a = train(m1, b1, CrossEntropy(), c1, tmp_path / "a")
+    b = train(m2, b2, CrossEntropy(), c2, tmp_path / "b")
+    assert a.losses == pytest.approx(b.losses, rel=1e-4)
+    assert set(a.model.state_dict()) == set(b.model.state_dict())  # no _orig_mod. prefixes
