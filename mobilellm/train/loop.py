@@ -137,7 +137,7 @@ def train(model: nn.Module, batches: Iterator[dict], loss: Loss, config: TrainCo
         # whole step, however it is split into micro-batches and processes (which average their gradients).
         loss_sum = torch.zeros((), device=parallel.device)
         for i, batch in enumerate(micro):
-            with parallel.accumulating(step_fn, sync=i == len(micro) - 1):
+            with parallel.accumulating(sync=i == len(micro) - 1):
                 with autocast():
                     part = step_fn(batch)
                 (part * parallel.world_size / n_targets).backward()
