@@ -67,8 +67,10 @@ def assert_same_weights(a, b):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    torch.set_num_threads(1)
-    return single(tmp_path_factory.mktemp("reference"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the tests' own runs (bit-identical results need the same reduction order)
+    yield single(tmp_path_factory.mktemp("reference"))
+    torch.set_num_threads(threads)
 
 
 def test_fsdp_on_two_processes_matches_one_and_resumes_on_one(tmp_path, reference):

@@ -114,12 +114,17 @@ def test_model_transforms_run_before_the_optimizer(tmp_path):
     assert isinstance(swapped, Scaled) and swapped.gain.item() != 1.0  # the optimizer saw the new parameter
 
 
-def test_activation_checkpointing_gives_the_same_training(tmp_path):
+def plain_and_variant(tmp_path, steps, **variant):
+    """The same tiny run twice: plain, and with the given TrainConfig changes."""
+    runs = []
+    for name, changes in (("plain", {}), ("variant", variant)):
+        model, batches, config = tiny_setup(steps=steps, **changes)
+        runs.append(train(model, batches, CrossEntropy(), config, tmp_path / name))
+    return runs
 
-    m1, b1, c1 = tiny_setup(steps=3)
-    m2, b2, c2 = tiny_setup(steps=3, activation_checkpointing=True)
-    a = train(m1, b1, CrossEntropy(), c1, tmp_path / "a")
-    b = train(m2, b2, CrossEntropy(), c2, tmp_path / "b")
+
+def test_activation_checkpointing_gives_the_same_training(tmp_path):
+    a, b = plain_and_variant(tmp_path, 3, activation_checkpointing=True)
     assert a.losses == pytest.approx(b.losses, rel=1e-6)
     for pa, pb in zip(a.model.parameters(), b.model.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7)
@@ -153,9 +158,6 @@ def test_flops_per_token_counts_sliding_layers_by_their_window():
 
 @pytest.mark.slow
 def test_compiled_blocks_train_like_eager(tmp_path):
-    m1, b1, c1 = tiny_setup(steps=2)
-    m2, b2, c2 = tiny_setup(steps=2, compile=True)
-    a = train(m1, b1, CrossEntropy(), c1, tmp_path / "a")
-    b = train(m2, b2, CrossEntropy(), c2, tmp_path / "b")
+    a, b = plain_and_variant(tmp_path, 2, compile=True)
     assert a.losses == pytest.approx(b.losses, rel=1e-4)
     assert set(a.model.state_dict()) == set(b.model.state_dict())  # no _orig_mod. prefixes
