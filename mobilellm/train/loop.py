@@ -121,7 +121,7 @@ def train(model: nn.Module, batches: Iterator[dict], loss: Loss, config: TrainCo
         start, bad_steps = state["step"], state["bad_steps"]
         load_data_state(batches, state["data"], parallel)
     log = ProgressLog(run_dir, config.steps, model.config, config.peak_flops * parallel.world_size
-                      if config.peak_flops else None, parallel.is_main, config.print_every)
+                      if config.peak_flops else None, parallel.is_main, config.print_every, type(loss).__name__)
     log.start_at(start)
     losses, saved = [], None
     for step in range(start, config.steps):

@@ -60,8 +60,9 @@ class ProgressLog:
     """
 
     def __init__(self, run_dir: Path, total_steps: int, model_config: ModelConfig, peak_flops: float | None,
-                 enabled: bool = True, print_every: int = 1):
+                 enabled: bool = True, print_every: int = 1, objective: str = "loss"):
         self.run_dir, self.total_steps, self.enabled = Path(run_dir), total_steps, enabled
+        self.objective = objective  # what "loss" measures (e.g. the loss class): KD's KL is not a CE
         self.model_config, self.peak_flops, self.print_every = model_config, peak_flops, print_every
         self.width = max(5, len(str(total_steps)))
         self.path = self.run_dir / METRICS_FILE
@@ -102,7 +103,8 @@ class ProgressLog:
                 f"{format_rate(tok_s)} tok/s | mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
                 f"eta {format_duration(eta)}" + (" | SKIPPED (non-finite)" if skipped else ""))
         if self.enabled:
-            self._write({"step": step + 1, "loss": loss if math.isfinite(loss) else None, "lr": lr,
+            self._write({"step": step + 1, "loss": loss if math.isfinite(loss) else None, "objective": self.objective,
+                         "lr": lr,
                          "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "tokens_per_s": tok_s,
                          "mfu": mfu, "skipped": skipped, "time": time.time()})
             if (step + 1) % self.print_every == 0 or step + 1 == self.total_steps or skipped:
