@@ -11,7 +11,6 @@ the chunked loss at 512 and 2048 tokens.
 
 from __future__ import annotations
 
-import json
 import resource
 import subprocess
 import sys
@@ -57,7 +56,7 @@ def measure(variant: str, tokens: int) -> dict:
 
 
 def main():
-    from benchmarks.machine import describe_machine
+    from benchmarks.machine import machine_info, write_json
     from mobilellm.train.losses import chunk_rows
 
     rows = [measure("full", 512), measure("chunked", 512), measure("chunked", 2048)]
@@ -69,9 +68,8 @@ def main():
               "full_over_chunked_at_512": full["extra_peak_bytes"] / chunked["extra_peak_bytes"],
               "same_loss_at_512": abs(full["loss"] - chunked["loss"]) <= 1e-3 * abs(full["loss"]),
               "measure": "ru_maxrss growth of a fresh process during loss + backward",
-              "machine": describe_machine()}
-    out = Path(__file__).parent / "results" / "kd_memory.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+              "machine": machine_info()}
+    write_json(Path(__file__).parent / "results" / "kd_memory.json", result)
     print(f"full / chunked peak at 512 tokens: x{result['full_over_chunked_at_512']:.1f}")
 
 

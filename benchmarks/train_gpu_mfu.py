@@ -16,7 +16,6 @@ until it has run on one.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import describe_machine  # noqa: E402
+from benchmarks.machine import machine_info, write_json  # noqa: E402
 from mobilellm.config import ModelConfig, all_global  # noqa: E402
 from mobilellm.hf import config_to_hf  # noqa: E402
 from mobilellm.model import build_model  # noqa: E402
@@ -117,8 +116,8 @@ def main():
         torch.cuda.reset_peak_memory_stats()
     result["tokens_per_s_ratio_ours_vs_transformers"] = (result["ours"]["tokens_per_s"]
                                                         / result["transformers_llama_all_global"]["tokens_per_s"])
-    result["machine"] = describe_machine()
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    result["machine"] = {**machine_info(), "gpu": torch.cuda.get_device_name()}
+    write_json(Path(args.out), result)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ steps alternate in one process so both see the same machine load; the median per
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import describe_machine  # noqa: E402
+from benchmarks.machine import machine_info, write_json  # noqa: E402
 from mobilellm.config import ModelConfig, all_global  # noqa: E402
 from mobilellm.hf import config_to_hf  # noqa: E402
 from mobilellm.model import build_model  # noqa: E402
@@ -76,8 +75,8 @@ def main():
         result[name] = {"median_step_s": statistics.median(values), "tokens_per_s": tokens_per_step / statistics.median(values),
                         "step_s": values}
     result["speedup_ours_vs_transformers"] = result["transformers"]["median_step_s"] / result["ours"]["median_step_s"]
-    result["machine"] = describe_machine()
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    result["machine"] = machine_info()
+    write_json(Path(args.out), result)
     print(f"ours {result['ours']['tokens_per_s']:.0f} tok/s, transformers {result['transformers']['tokens_per_s']:.0f} "
           f"tok/s: ours x{result['speedup_ours_vs_transformers']:.2f}")
 

@@ -62,3 +62,17 @@ def fetch_smollm2(force: bool = False) -> Path:
         model.load_state_dict(tensors, strict=not config.tie_embeddings)
         save_pretrained(model, folder, extra_files=gguf_tokenizer_files(gguf_path))
     return folder
+
+
+FETCHERS = {SMOLLM2["name"]: fetch_smollm2}
+
+
+def resolve_checkpoint(name_or_folder: str | Path) -> Path:
+    """A checkpoint folder, or the name of a real model we can fetch (fetched and converted on first use)."""
+    path = Path(name_or_folder).expanduser()
+    if path.exists():
+        return path
+    if str(name_or_folder) in FETCHERS:
+        return FETCHERS[str(name_or_folder)]()
+    raise FileNotFoundError(f"no checkpoint folder {path}, and {str(name_or_folder)!r} is not a model we can fetch "
+                            f"({', '.join(FETCHERS)})")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa", "eager")
+BACKENDS = ("sdpa", "flex", "eager")
 
 
 def attention_mask(
@@ -35,14 +35,46 @@ def attention_mask(
     return allowed[:, None]
 
 
+def flex_block_mask(layer_type, q_pos, k_pos, q_doc=None, k_doc=None, window=None, chunk=None):
+    """The same rule as `attention_mask` as a FlexAttention BlockMask: blocks outside the window are skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, qi, ki):
+        q, k = q_pos[b, qi], k_pos[b, ki]
+        allowed = (k <= q) & (k >= 0)
+        if layer_type == "sliding_attention":
+            allowed = allowed & ((q - k) < window)
+        elif layer_type == "chunked_attention":
+            allowed = allowed & ((q // chunk) == (k // chunk))
+        if q_doc is not None:
+            allowed = allowed & (q_doc[b, qi] == k_doc[b, ki])
+        return allowed
+
+    B, Tq = q_pos.shape
+    return create_block_mask(mask_mod, B, None, Tq, k_pos.shape[1], device=q_pos.device)
+
+
+_compiled_flex = None
+
+
+def flex_attend(q, k, v, block_mask):
+    global _compiled_flex
+    if _compiled_flex is None:  # compiled once, on first use: flex_attention is only fast compiled
+        from torch.nn.attention.flex_attention import flex_attention
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
 def attend(
     q: torch.Tensor,  # (B, H, Tq, hd)
     k: torch.Tensor,  # (B, Hkv, Tk, hd)
     v: torch.Tensor,  # (B, Hkv, Tk, hd)
-    mask: torch.Tensor | None,  # (B, 1, Tq, Tk) bool, or None for plain causal over the same tokens
+    mask,  # (B, 1, Tq, Tk) bool; a BlockMask for "flex"; None for plain causal over the same tokens
     backend: str = "sdpa",
 ) -> torch.Tensor:
     """Scaled dot-product attention with grouped KV heads; returns (B, H, Tq, hd)."""
+    if backend == "flex":
+        return flex_attend(q, k, v, mask)
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                               enable_gqa=k.shape[1] != q.shape[1])

@@ -19,6 +19,10 @@ from pathlib import Path
 COMMANDS: dict[str, str] = {
     "info": "mobilellm.commands.info:info",
     "fetch": "mobilellm.commands.fetch:fetch",
+    "convert": "mobilellm.commands.convert:convert",
+    "generate": "mobilellm.commands.generate:generate",
+    "chat": "mobilellm.commands.generate:chat",
+    "kv-cache": "mobilellm.commands.kv_cache:kv_cache",
     "corpus": "mobilellm.commands.corpus:corpus",
     "tokenize": "mobilellm.commands.tokenize:tokenize",
     "pretrain": "mobilellm.commands.pretrain:pretrain",

@@ -65,12 +65,18 @@ def config_from_hf(hf: dict, name: str = "hf") -> ModelConfig:
         raise ConfigError("attention or MLP biases are not supported")
     if llama4 and hf.get("moe_layers"):
         raise ConfigError("mixture-of-experts layers are not supported (MobileLLM models are dense)")
-    layer_types = tuple(hf.get("layer_types") or ["full_attention"] * n_layers)
     rope_layers = None
-    if llama4 and hf.get("no_rope_layers") is not None:
-        rope_layers = tuple(bool(x) for x in hf["no_rope_layers"])  # HF: 1 = this layer uses RoPE
+    if llama4:
+        # HF's Llama-4-text default when the file is silent: every 4th layer NoPE with chunked attention.
+        interval = hf.get("no_rope_layer_interval", 4)
+        flags = hf.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n_layers)]
+        rope_layers = tuple(bool(x) for x in flags)  # HF: 1 = this layer uses RoPE
+        default_types = ["full_attention" if r else "chunked_attention" for r in rope_layers]
         if all(rope_layers):
             rope_layers = None
+    else:
+        default_types = ["full_attention"] * n_layers
+    layer_types = tuple(hf.get("layer_types") or default_types)
     return ModelConfig(
         name=name,
         vocab_size=hf["vocab_size"],
@@ -82,7 +88,7 @@ def config_from_hf(hf: dict, name: str = "hf") -> ModelConfig:
         head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
         layer_types=layer_types,
         sliding_window=hf.get("sliding_window") if "sliding_attention" in layer_types else None,
-        attention_chunk_size=hf.get("attention_chunk_size") if "chunked_attention" in layer_types else None,
+        attention_chunk_size=hf.get("attention_chunk_size", 8192) if "chunked_attention" in layer_types else None,
         rope_theta=_rope_theta(hf),
         rope_layout="interleaved" if llama4 else "half",
         rope_layers=rope_layers,
@@ -109,7 +115,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
         "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "bos_token_id": cfg.bos_id, "eos_token_id": list(cfg.eos_ids) if len(cfg.eos_ids) > 1 else
-        (cfg.eos_ids[0] if cfg.eos_ids else None), "pad_token_id": cfg.pad_id, "torch_dtype": "float32",
+        (cfg.eos_ids[0] if cfg.eos_ids else None), "pad_token_id": cfg.pad_id,
     }
     if cfg.family == "llama":
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "intermediate_size": cfg.ffn_dim,
@@ -275,7 +281,8 @@ def save_pretrained(model: Transformer, folder: str | Path, max_shard_bytes: int
         size += nbytes
     with atomic_folder(folder) as tmp:
         cfg.save(tmp)
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
+        dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps({**config_to_hf(cfg), "torch_dtype": dtype}, indent=2) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         if len(shards) == 1:

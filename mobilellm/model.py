@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attend, attention_mask
+from .attention import attend, attention_mask, flex_block_mask
 from .config import ModelConfig
 
 
@@ -118,12 +118,14 @@ class MaskCache:
     """Builds each layer type's mask once per forward; layers look theirs up.
 
     Plain causal attention over the tokens themselves (no cache, no documents) needs no mask at all:
-    the backend's causal path is faster.
+    the backend's causal path is faster. FlexAttention serves training and full forwards; decoding against
+    a cache (a few queries over many slots) stays on SDPA.
     """
 
     def __init__(self, config: ModelConfig, positions, doc_ids, backend: str, has_cache: bool):
-        self.config, self.positions, self.doc_ids, self.backend = config, positions, doc_ids, backend
-        self.plain_causal_ok = doc_ids is None and not has_cache
+        self.config, self.positions, self.doc_ids = config, positions, doc_ids
+        self.backend = "sdpa" if backend == "flex" and has_cache else backend
+        self.plain_causal_ok = doc_ids is None and not has_cache and self.backend != "flex"
         self._masks: dict[str, torch.Tensor | None] = {}
 
     def get(self, layer_type: str, k_pos: torch.Tensor):
@@ -131,7 +133,8 @@ class MaskCache:
             if layer_type == "full_attention" and self.plain_causal_ok:
                 self._masks[layer_type] = None
             else:
-                self._masks[layer_type] = attention_mask(
+                build = flex_block_mask if self.backend == "flex" else attention_mask
+                self._masks[layer_type] = build(
                     layer_type, self.positions, k_pos, self.doc_ids, self.doc_ids,
                     window=self.config.sliding_window, chunk=self.config.attention_chunk_size)
         return self._masks[layer_type]

@@ -91,19 +91,20 @@ class Tokenizer:
     @classmethod
     def load(cls, folder: str | Path) -> "Tokenizer":
         folder = Path(folder)
-        path = folder / TOKENIZER_FILE
-        if not path.exists():
+        if not (folder / TOKENIZER_FILE).exists():
             raise TokenizerError(f"no {TOKENIZER_FILE} in {folder}")
+        names = (TOKENIZER_FILE, TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE)
+        return cls.from_files({n: (folder / n).read_text() for n in names if (folder / n).exists()}, origin=str(folder))
+
+    @classmethod
+    def from_files(cls, files: dict[str, str], origin: str = "tokenizer") -> "Tokenizer":
+        """Build from the text of tokenizer.json, tokenizer_config.json and chat_template.jinja."""
         try:
-            backend = _HFTokenizer.from_file(str(path))
+            backend = _HFTokenizer.from_str(files[TOKENIZER_FILE])
         except Exception as err:  # the tokenizers library raises plain Exception on bad files
-            raise TokenizerError(f"cannot read {path}: {err}") from None
-        config = {}
-        if (folder / TOKENIZER_CONFIG).exists():
-            config = json.loads((folder / TOKENIZER_CONFIG).read_text())
-        template = config.get("chat_template")
-        if (folder / CHAT_TEMPLATE_FILE).exists():
-            template = (folder / CHAT_TEMPLATE_FILE).read_text()
+            raise TokenizerError(f"cannot read {TOKENIZER_FILE} of {origin}: {err}") from None
+        config = json.loads(files.get(TOKENIZER_CONFIG, "{}"))
+        template = files.get(CHAT_TEMPLATE_FILE, config.get("chat_template"))
         eos = config.get("eos_token")
         eos_tokens = [_token_text(e) for e in (eos if isinstance(eos, list) else [eos]) if e]
         return cls(backend, _token_text(config.get("bos_token")), eos_tokens, _token_text(config.get("pad_token")), template)

@@ -165,3 +165,23 @@ def test_bad_arguments(tmp_path, tokenizer):
         tokenize_to_shards({"d": [source]}, tokenizer, tmp_path / "o", val_fraction=1.0)
     with pytest.raises(DataError, match="domain name '../x'"):
         tokenize_to_shards({"../x": [source]}, tokenizer, tmp_path / "o")
+
+
+def test_real_smollm2_tokenizer(tmp_path):
+    from mobilellm.artifacts import FetchError, fetch_smollm2
+    from mobilellm.tokenizer import Tokenizer
+
+    try:
+        folder = fetch_smollm2()
+    except FetchError as err:
+        pytest.skip(f"SmolLM2 not available: {err}")
+    tokenizer = Tokenizer.load(folder)
+    texts = ["The capital of France is Paris.", "def f(x):\n    return x + 1\n", "Ünïcode ✓ 😀"]
+    manifest = tokenize_to_shards({"d": [Source(write_jsonl(tmp_path / "d.jsonl", texts))]}, tokenizer,
+                                  tmp_path / "out", val_fraction=0.0, progress=False)
+    assert manifest["dtype"] == "uint16" and manifest["tokenizer"]["vocab_size"] == 49_152
+    ds = TokenDataset(tmp_path / "out")
+    ds.check_tokenizer(Tokenizer.load(folder))  # a fresh load has the same identity
+    store = ds.documents("d")
+    for i, text in enumerate(texts):
+        assert store.document(i).tolist() == tokenizer.encode(text) + [tokenizer.eos_ids[0]]

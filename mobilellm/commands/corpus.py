@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data.starter import DOMAINS, build_starter_corpus, corpus_sources, default_corpus_dir, train_tokenizer
+from ..tokenizer import Tokenizer
 
 
 def corpus(*, out: Path | None = None, max_chars: int = 8_000_000, domains: list[str] = list(DOMAINS),
@@ -18,7 +19,7 @@ def corpus(*, out: Path | None = None, max_chars: int = 8_000_000, domains: list
         out: output folder (default: ~/.cache/mobilellm/corpus/starter, or $MOBILELLM_HOME/corpus/starter)
         max_chars: at most this many characters per domain (whole documents)
         domains: which domains to build (prose, code, math)
-        force: rebuild domains that are already there
+        force: rebuild domains (and the tokenizer) that are already there
         tokenizer_vocab: also train a byte-level BPE tokenizer of this vocabulary size on the corpus, saved to OUT/tokenizer (0: none)
         tokenizer_chars: characters of corpus the tokenizer is trained on, shared equally by the domains
     """
@@ -27,5 +28,9 @@ def corpus(*, out: Path | None = None, max_chars: int = 8_000_000, domains: list
     total = sum(s["characters"] for s in summary.values())
     print(f"corpus: {sum(s['documents'] for s in summary.values()):,} documents, {total:,} characters in {out}")
     if tokenizer_vocab:
-        folder = train_tokenizer(corpus_sources(out), tokenizer_vocab, out / "tokenizer", max_chars=tokenizer_chars)
+        folder = out / "tokenizer"
+        if (folder / "tokenizer.json").exists() and Tokenizer.load(folder).vocab_size == tokenizer_vocab and not force:
+            print(f"tokenizer: {tokenizer_vocab:,}-token BPE already in {folder}, skipped")
+            return
+        train_tokenizer(corpus_sources(out), tokenizer_vocab, folder, max_chars=tokenizer_chars)
         print(f"tokenizer: {tokenizer_vocab:,}-token BPE saved to {folder}")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from ..artifacts import fetch_smollm2
-
-FETCHERS = {"smollm2-135m": fetch_smollm2}
+from ..artifacts import FETCHERS
 
 
 def fetch(model: str = "smollm2-135m", *, force: bool = False) -> None:

@@ -12,6 +12,7 @@ share a document.
 
 from __future__ import annotations
 
+import itertools
 import math
 import zlib
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .packing import Packer, collate, window_example
+from .packing import PAD, Packer, collate, window_example
 from .shards import DocumentStore, TokenDataset
 from .sources import DataError
 
@@ -108,25 +109,27 @@ class MixtureLoader:
     """Endless training batches: dicts of int64 tensors `tokens`, `targets`, `positions`, `doc_ids` (B, T).
 
     `model(batch["tokens"], batch["positions"], batch["doc_ids"])` gives logits whose cross-entropy
-    against batch["targets"] (ignore_index=-100) is the loss.
+    against batch["targets"] (ignore_index=-100) is the loss. mask_documents=False: see window_example.
     """
 
     def __init__(self, dataset: TokenDataset, weights: dict[str, float], *, seq_len: int, batch_size: int,
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, mask_documents: bool = True):
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, got {batch_size}")
         self.sampler = DomainSampler(dataset, weights, seed=seed, rank=rank, world_size=world_size)
         self.packer = Packer(seq_len)
         self.batch_size = batch_size
         self.batches = 0
+        self.mask_documents = mask_documents
         self.setting = {"seq_len": seq_len, "seed": seed, "rank": rank, "world_size": world_size,
-                        "weights": self.sampler.weights}
+                        "weights": self.sampler.weights, "mask_documents": mask_documents}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        rows = [window_example(self.packer.next_row(self.sampler.draw)) for _ in range(self.batch_size)]
+        rows = [window_example(self.packer.next_row(self.sampler.draw), self.mask_documents)
+                for _ in range(self.batch_size)]
         self.batches += 1
         return collate(rows)
 
@@ -147,18 +150,31 @@ class MixtureLoader:
 
 
 def validation_batches(dataset: TokenDataset, *, seq_len: int, batch_size: int, domains: list[str] | None = None,
-                       rank: int = 0, world_size: int = 1, max_batches: int | None = None
-                       ) -> Iterator[dict[str, torch.Tensor]]:
+                       rank: int = 0, world_size: int = 1, max_batches: int | None = None,
+                       mask_documents: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """The held-out documents, in stored order, packed like training batches: fixed and finite.
 
-    Row i goes to rank i % world_size; the last row is padded (targets -100) and the last batch may be
-    smaller. Pass `domains` to measure one domain at a time.
+    Row i goes to rank i % world_size; the last row is padded (targets -100) and every rank gets the
+    same number of rows (a rank short of one gets a row of padding), so all ranks run the same number
+    of batches; the last batch may be smaller. Pass `domains` to measure one domain at a time.
     """
     domains = dataset.domains if domains is None else domains
     stores = [(name, dataset.documents(name, "val")) for name in domains]
     if sum(len(s) for _, s in stores) == 0:
         raise DataError(f"no validation documents in {', '.join(domains)} of {dataset.folder} "
                         "(tokenized with --val-fraction 0?)")
+    rows = _rank_rows(stores, seq_len, rank, world_size, mask_documents)
+    for count in itertools.count():
+        if max_batches is not None and count >= max_batches:
+            return
+        batch = list(itertools.islice(rows, batch_size))
+        if not batch:
+            return
+        yield collate(batch)
+
+
+def _rank_rows(stores: list[tuple[str, DocumentStore]], seq_len: int, rank: int, world_size: int,
+               mask_documents: bool) -> Iterator[dict[str, np.ndarray]]:
     keys = iter([(name, i) for name, store in stores for i in range(len(store))])
     by_name = dict(stores)
 
@@ -166,16 +182,12 @@ def validation_batches(dataset: TokenDataset, *, seq_len: int, batch_size: int, 
         key = next(keys, None)
         return None if key is None else (key, by_name[key[0]].document(key[1]))
 
-    packer, rows, row_index, yielded = Packer(seq_len), [], 0, 0
-    while max_batches is None or yielded < max_batches:
+    packer = Packer(seq_len)
+    for row_index in itertools.count():
         segments = packer.next_row(draw)
         if segments is None:
-            break
+            if row_index % world_size and rank >= row_index % world_size:  # the last round missed this rank
+                yield window_example([np.full(seq_len + 1, PAD)], mask_documents)
+            return
         if row_index % world_size == rank:
-            rows.append(window_example(segments))
-        row_index += 1
-        if len(rows) == batch_size:
-            yield collate(rows)
-            rows, yielded = [], yielded + 1
-    if rows and (max_batches is None or yielded < max_batches):
-        yield collate(rows)
+            yield window_example(segments, mask_documents)

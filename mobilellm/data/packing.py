@@ -19,13 +19,21 @@ IGNORE_INDEX = -100
 PAD = -1  # marks filler tokens in a window (the end of a finite stream): never a target
 
 
-def window_example(segments: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """One packed row from segments whose lengths sum to T + 1; each array of the result is (T,)."""
-    lengths = np.array([len(s) for s in segments])
+def window_example(segments: list[np.ndarray], mask_documents: bool = True) -> dict[str, np.ndarray]:
+    """One packed row from segments whose lengths sum to T + 1; each array of the result is (T,).
+
+    mask_documents=False packs GPT-style instead: the row is one causal sequence (positions 0..T-1,
+    one doc id, EOS -> next document is a target), as phase-2 long-window training wants.
+    """
+    lengths = [len(s) for s in segments]
     window = np.concatenate([np.asarray(s, dtype=np.int64) for s in segments])  # (T + 1,)
-    seg_id = np.repeat(np.arange(len(segments)), lengths)
-    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    position = np.arange(window.size) - starts
+    if mask_documents:
+        seg_id = np.repeat(np.arange(len(segments)), lengths)
+    else:  # only the padding tail of a finite stream stands apart
+        seg_id = (window == PAD).astype(np.int64)
+    index = np.arange(window.size)
+    starts_here = np.concatenate([[True], seg_id[1:] != seg_id[:-1]])
+    position = index - np.maximum.accumulate(np.where(starts_here, index, 0))
     same_doc = (seg_id[1:] == seg_id[:-1]) & (window[1:] != PAD)
     return {
         "tokens": np.where(window[:-1] == PAD, 0, window[:-1]),

@@ -153,6 +153,8 @@ def tokenize_to_shards(domains: dict[str, list[Source]], tokenizer: Tokenizer, o
     out.mkdir(parents=True, exist_ok=True)
     identity = tokenizer_identity(tokenizer)
     manifest = _load_or_start_manifest(out, identity, val_fraction)
+    for leftover in [*out.glob(".*.npy.*"), *out.glob(f".{MANIFEST}.*")]:
+        leftover.unlink()  # the temp file a killed run was writing
     dtype = np.dtype(manifest["dtype"])
     for name, sources in domains.items():
         described = [s.describe() for s in sources]

