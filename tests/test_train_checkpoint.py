@@ -13,7 +13,7 @@ from mobilellm.hf import load_pretrained
 from mobilellm.train.checkpoint import latest_checkpoint, step_dirs
 from mobilellm.train.loop import train
 from mobilellm.train.losses import CrossEntropy
-from tests.train_common import one_thread, tiny_setup  # noqa: F401 (autouse fixture)
+from tests.train_common import one_thread, single_thread, tiny_setup  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY = 9, 3
@@ -61,10 +61,8 @@ def logged_losses(run_dir):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the tests' own runs (bit-identical results need the same reduction order)
-    yield run(tmp_path_factory.mktemp("reference"))
-    torch.set_num_threads(threads)
+    with single_thread():  # as the tests' own runs
+        yield run(tmp_path_factory.mktemp("reference"))
 
 
 @pytest.mark.parametrize("mode,latest_before_resume", [("step", 6), ("save", 3)])
