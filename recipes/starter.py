@@ -12,7 +12,7 @@ from mobilellm.config import ModelConfig
 from mobilellm.train.optim import Schedule
 from mobilellm.train.recipe import Recipe
 
-STEPS = 150
+STEPS = 100
 
 
 def shards_dir():
@@ -37,7 +37,7 @@ def starter() -> Recipe:
         name="starter",
         student=ModelConfig.from_name("starter-student"),
         steps=STEPS,
-        schedule=Schedule(peak_lr=2e-3, total_steps=STEPS, warmup_steps=15, decay="cosine", final_lr=2e-4),
+        schedule=Schedule(peak_lr=2e-3, total_steps=STEPS, warmup_steps=10, decay="cosine", final_lr=2e-4),
         seq_len=128,
         global_batch_rows=4,
         micro_batch_rows=4,

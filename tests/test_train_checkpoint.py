@@ -13,7 +13,7 @@ from mobilellm.hf import load_pretrained
 from mobilellm.train.checkpoint import latest_checkpoint, step_dirs
 from mobilellm.train.loop import train
 from mobilellm.train.losses import CrossEntropy
-from tests.train_common import one_thread, tiny_setup  # noqa: F401 (autouse fixture)
+from tests.train_common import one_thread, single_thread, tiny_setup  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY = 9, 3
@@ -59,16 +59,21 @@ def logged_losses(run_dir):
     return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    with single_thread():  # as the tests' own runs
+        yield run(tmp_path_factory.mktemp("reference"))
+
+
 @pytest.mark.parametrize("mode,latest_before_resume", [("step", 6), ("save", 3)])
-def test_killed_run_resumes_bit_identically(tmp_path, mode, latest_before_resume):
-    reference = run(tmp_path / "reference")
+def test_killed_run_resumes_bit_identically(tmp_path, reference, mode, latest_before_resume):
     killed = tmp_path / "killed"
     child = subprocess.run([sys.executable, "-c", CHILD, str(killed), mode], cwd=ROOT, capture_output=True, text=True)
     assert child.returncode == -signal.SIGKILL, child.stderr
     assert latest_checkpoint(killed).name == f"step_{latest_before_resume:07d}"
     resumed = run(killed, resume=True)
     assert len(resumed.losses) == STEPS - latest_before_resume
-    assert logged_losses(killed) == logged_losses(tmp_path / "reference")  # exact floats, every step
+    assert logged_losses(killed) == logged_losses(reference.checkpoint.parents[1])  # exact floats, every step
     for a, b in zip(reference.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
     assert not list((killed / "checkpoints").glob(".*"))  # the half-written checkpoint was replaced

@@ -15,7 +15,7 @@ from mobilellm.train.loop import TrainConfig, train
 from mobilellm.train.losses import CrossEntropy
 from mobilellm.train.optim import Schedule
 from mobilellm.train.synthetic import SyntheticBatches
-from tests.train_common import TINY, one_thread  # noqa: F401 (autouse fixture)
+from tests.train_common import TINY, one_thread, single_thread  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOTAL, BATCH, SEQ = 6, 4, 16
@@ -67,8 +67,8 @@ def assert_same_weights(a, b):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    torch.set_num_threads(1)
-    return single(tmp_path_factory.mktemp("reference"))
+    with single_thread():  # as the tests' own runs
+        yield single(tmp_path_factory.mktemp("reference"))
 
 
 def test_fsdp_on_two_processes_matches_one_and_resumes_on_one(tmp_path, reference):

@@ -114,12 +114,17 @@ def test_model_transforms_run_before_the_optimizer(tmp_path):
     assert isinstance(swapped, Scaled) and swapped.gain.item() != 1.0  # the optimizer saw the new parameter
 
 
-def test_activation_checkpointing_gives_the_same_training(tmp_path):
+def plain_and_variant(tmp_path, steps, **variant):
+    """The same tiny run twice: plain, and with the given TrainConfig changes."""
+    runs = []
+    for name, changes in (("plain", {}), ("variant", variant)):
+        model, batches, config = tiny_setup(steps=steps, **changes)
+        runs.append(train(model, batches, CrossEntropy(), config, tmp_path / name))
+    return runs
 
-    m1, b1, c1 = tiny_setup(steps=3)
-    m2, b2, c2 = tiny_setup(steps=3, activation_checkpointing=True)
-    a = train(m1, b1, CrossEntropy(), c1, tmp_path / "a")
-    b = train(m2, b2, CrossEntropy(), c2, tmp_path / "b")
+
+def test_activation_checkpointing_gives_the_same_training(tmp_path):
+    a, b = plain_and_variant(tmp_path, 3, activation_checkpointing=True)
     assert a.losses == pytest.approx(b.losses, rel=1e-6)
     for pa, pb in zip(a.model.parameters(), b.model.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7)
@@ -131,3 +136,28 @@ def test_progress_line_format(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r"step 00001/00002 \| loss \d+\.\d{4} \| lr \d\.\de[-+]\d\d \| [\d.]+k? tok/s \| "
                         r"mfu n/a \| eta \d+m\d\ds", lines[0]), lines[0]
+
+
+def test_mfu_is_reported_against_a_given_peak(tmp_path, capsys):
+    from mobilellm.train.metrics import flops_per_token
+    model, batches, config = tiny_setup(steps=1)
+    train(model, batches, CrossEntropy(), TrainConfig(steps=1, schedule=config.schedule, peak_flops=1e9), tmp_path)
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert record["mfu"] == pytest.approx(record["tokens_per_s"] * flops_per_token(TINY, 16) / 1e9)
+    assert re.search(r"mfu \d+\.\d%", capsys.readouterr().out)
+
+
+def test_flops_per_token_counts_sliding_layers_by_their_window():
+    from mobilellm.config import ModelConfig
+    from mobilellm.train.metrics import flops_per_token, matmul_params
+    pro = ModelConfig.from_name("pro-1b")
+    assert matmul_params(pro) == 1_084_453_120 - 30 * 2 * 1280 - 1280  # all but the norms
+    attention = 12 * 20 * 64 * (9 * 4096 + 21 * 512)
+    assert flops_per_token(pro, 4096) == 6 * matmul_params(pro) + attention
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager(tmp_path):
+    a, b = plain_and_variant(tmp_path, 2, compile=True)
+    assert a.losses == pytest.approx(b.losses, rel=1e-4)
+    assert set(a.model.state_dict()) == set(b.model.state_dict())  # no _orig_mod. prefixes

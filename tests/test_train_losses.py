@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from mobilellm.config import ModelConfig
 from mobilellm.model import build_model
-from mobilellm.train.losses import CrossEntropy, Distillation, chunked_linear_loss
+from mobilellm.train.losses import CrossEntropy, Distillation, chunked_linear_loss, with_autograd
+from tests.train_common import one_thread  # noqa: F401 (autouse fixture)
 
 CFG = ModelConfig.from_name("tiny")
 
@@ -110,7 +111,7 @@ def test_chunked_loss_keeps_only_one_chunk_of_logits():
         seen.append(logits.shape)
         return logits.logsumexp(-1).sum()
 
-    chunked_linear_loss(hidden, weight, chunk_loss, chunk_size=16).backward()
+    chunked_linear_loss(hidden, weight, with_autograd(chunk_loss), chunk_size=16).backward()
     assert max(s[0] for s in seen) == 16 and len(seen) == 4
     ref_h, ref_w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
     (ref_h @ ref_w.T).logsumexp(-1).sum().backward()
@@ -123,3 +124,43 @@ def test_no_grad_evaluation_skips_gradient_work():
     with torch.no_grad():
         value = CrossEntropy()(model, make_batch())
     assert value.requires_grad is False and value.item() > 0
+
+
+class ScaledHead(torch.nn.Linear):
+    """A head that is not a plain Linear (like QAT's fake-quantized one): its own forward must apply."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight.tanh())
+
+
+@pytest.mark.parametrize("kd", [False, True])
+def test_a_custom_head_module_is_called_chunk_by_chunk(kd):
+    model = build_model(CFG, seed=0)
+    head = ScaledHead(CFG.dim, CFG.vocab_size, bias=False)
+    head.weight = model.embed_tokens.weight  # still tied
+    model.lm_head = head
+    batch = make_batch()
+    if kd:
+        teacher = build_model(CFG, seed=1).eval().requires_grad_(False)
+        t_logits = teacher_logits_of(teacher, batch)
+        loss = Distillation(teacher, chunk_size=7)
+
+        def reference(logits, targets):
+            return F.kl_div(F.log_softmax(logits, -1), F.softmax(t_logits, -1), reduction="sum")
+    else:
+        loss = CrossEntropy(chunk_size=7)
+
+        def reference(logits, targets):
+            return F.cross_entropy(logits, targets, reduction="sum")
+    compare(loss, reference, model, batch)
+
+
+def test_weight_decay_only_on_linear_weights():
+    from mobilellm.train.optim import param_groups
+    model = build_model(CFG)
+    model.layers[0].mlp.up_proj.extra_scale = torch.nn.Parameter(torch.ones(4, 4))  # e.g. a learnable QAT scale
+    decay, no_decay = (set(map(id, g["params"])) for g in param_groups(model, 0.1))
+    assert id(model.layers[0].self_attn.q_proj.weight) in decay
+    for p in (model.embed_tokens.weight, model.norm.weight, model.layers[0].mlp.up_proj.extra_scale):
+        assert id(p) in no_decay
+    assert len(decay) + len(no_decay) == len(list(model.parameters()))

@@ -1,5 +1,7 @@
 """Shared pieces of the training tests: a tiny run on synthetic batches, one thread (the machine is shared)."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -12,14 +14,22 @@ from mobilellm.train.synthetic import SyntheticBatches
 TINY = ModelConfig.from_name("tiny")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
+@contextlib.contextmanager
+def single_thread():
     # Bit-identical comparisons across processes need the same reduction order; one thread is also faster
     # than two on a loaded two-core machine.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with single_thread():
+        yield
 
 
 def tiny_setup(steps=6, batch=4, seq=16, seed=0, lr=3e-3, **config):

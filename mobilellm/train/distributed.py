@@ -30,7 +30,8 @@ class SingleProcess:
         """A function batch -> summed loss that runs `loss(model, batch)` with whatever wrapping is needed."""
         return lambda batch: loss(model, batch)
 
-    def accumulating(self, step_fn, sync: bool):
+    def accumulating(self, sync: bool):
+        """Context for one micro-batch's forward + backward; gradients are reduced only when `sync`."""
         return contextlib.nullcontext()
 
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
@@ -83,7 +84,7 @@ class DataParallel(SingleProcess):
         self._fsdp_model = model
         return lambda batch: loss(model, batch)
 
-    def accumulating(self, step_fn, sync: bool):
+    def accumulating(self, sync: bool):
         if self.strategy == "ddp":
             return contextlib.nullcontext() if sync else self._ddp.no_sync()
         self._fsdp_model.set_requires_gradient_sync(sync)

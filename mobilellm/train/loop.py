@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import SingleProcess
 from .losses import IGNORE_INDEX, CrossEntropy, Loss
-from .metrics import ProgressLog, flops_per_token
+from .metrics import ProgressLog
 from .optim import OptimConfig, Schedule, build_optimizer, set_lr
 
 Transform = Callable[[nn.Module], "nn.Module | None"]
@@ -120,8 +120,8 @@ def train(model: nn.Module, batches: Iterator[dict], loss: Loss, config: TrainCo
         state = load_checkpoint(found, model, optimizer, parallel)
         start, bad_steps = state["step"], state["bad_steps"]
         load_data_state(batches, state["data"], parallel)
-    log = ProgressLog(run_dir, config.steps, flops_per_token(model.config, 0), config.peak_flops, parallel.is_main,
-                      config.print_every)
+    log = ProgressLog(run_dir, config.steps, model.config, config.peak_flops * parallel.world_size
+                      if config.peak_flops else None, parallel.is_main, config.print_every, type(loss).__name__)
     log.start_at(start)
     losses, saved = [], None
     for step in range(start, config.steps):
@@ -137,7 +137,7 @@ def train(model: nn.Module, batches: Iterator[dict], loss: Loss, config: TrainCo
         # whole step, however it is split into micro-batches and processes (which average their gradients).
         loss_sum = torch.zeros((), device=parallel.device)
         for i, batch in enumerate(micro):
-            with parallel.accumulating(step_fn, sync=i == len(micro) - 1):
+            with parallel.accumulating(sync=i == len(micro) - 1):
                 with autocast():
                     part = step_fn(batch)
                 (part * parallel.world_size / n_targets).backward()
@@ -162,8 +162,7 @@ def train(model: nn.Module, batches: Iterator[dict], loss: Loss, config: TrainCo
         if parallel.device.type == "cuda":
             torch.cuda.synchronize()
         tokens = sum(b["tokens"].numel() for b in micro) * parallel.world_size
-        log.flops_per_token = flops_per_token(model.config, micro[0]["tokens"].shape[1])
-        log.step(step, step_loss, lr, grad_norm, tokens, time.perf_counter() - t0, skipped)
+        log.step(step, step_loss, lr, grad_norm, tokens, micro[0]["tokens"].shape[1], time.perf_counter() - t0, skipped)
         done = step + 1
         if val_batches and config.eval_every and (done % config.eval_every == 0 or done == config.steps):
             log.validation(step, evaluate(model, val_batches, parallel, autocast))

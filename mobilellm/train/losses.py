@@ -3,7 +3,9 @@
 At MobileLLM-Pro's vocab (202,048) the logits of one 4k sequence are ~3 GB in fp32 (SPEC.md 2.1), so no
 loss here ever materialises (B, T, V): `chunked_linear_loss` projects a chunk of rows through the LM head,
 takes the loss and its gradient for that chunk at once, and keeps only d/d(hidden) and d/d(head weight).
-The backward pass is then a scale, with no recomputation of the chunks.
+The backward pass is then a scale, with no recomputation of the chunks. CE and full KD write their
+closed-form gradients over the logits buffer (fewer passes over (n, V) than autograd's); top-k KD uses
+autograd per chunk.
 
 A loss object is called as `loss(model, batch) -> summed loss` (fp32 scalar, summed over the target
 tokens, i.e. positions where `targets != -100`); the loop divides by the step's token count.
@@ -17,9 +19,12 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-ChunkLoss = Callable[[torch.Tensor, slice], torch.Tensor]  # (logits (n, V) fp32, rows) -> summed loss
+# (logits (n, V) fp32, rows, need_grad) -> (summed loss, d loss / d logits (n, V) or None). The logits
+# buffer is the function's to overwrite (e.g. into its own gradient).
+ChunkLoss = Callable[[torch.Tensor, slice, bool], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 class Loss(Protocol):
@@ -38,19 +43,14 @@ class _ChunkedLinearLoss(torch.autograd.Function):
             rows = slice(start, start + chunk_size)
             h = hidden[rows]
             logits = (h @ weight.T).float()  # (n, V): the only vocab-sized tensor alive
-            if need_h or need_w:
-                with torch.enable_grad():
-                    logits.requires_grad_()
-                    loss = chunk_loss(logits, rows)
-                    (g,) = torch.autograd.grad(loss, logits)
+            loss, g = chunk_loss(logits, rows, need_h or need_w)
+            total += loss.detach()
+            if g is not None:
                 g = g.to(h.dtype)
                 if need_h:
                     grad_h[rows] = g @ weight.to(g.dtype)
                 if need_w:
                     grad_w += (g.T @ h).float()
-            else:
-                loss = chunk_loss(logits, rows)
-            total += loss.detach()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
@@ -65,8 +65,47 @@ class _ChunkedLinearLoss(torch.autograd.Function):
 
 def chunked_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, chunk_loss: ChunkLoss,
                         chunk_size: int = 1024) -> torch.Tensor:
-    """sum over row chunks of chunk_loss(hidden[rows] @ weight.T, rows); memory O(chunk * V), not O(N * V)."""
+    """Sum over row chunks of chunk_loss(hidden[rows] @ weight.T); memory O(chunk * V), not O(N * V)."""
     return _ChunkedLinearLoss.apply(hidden, weight, chunk_loss, chunk_size)
+
+
+def _chunk_value(head: nn.Module, hidden: torch.Tensor, rows: slice, chunk_loss: ChunkLoss) -> torch.Tensor:
+    return chunk_loss(head(hidden).float(), rows, False)[0]
+
+
+def chunk_rows(vocab_size: int, elements: int = 2**25) -> int:
+    """Rows per chunk so one (rows, V) fp32 buffer holds about `elements` values (128 MiB)."""
+    return max(16, elements // vocab_size)
+
+
+def head_loss(head: nn.Module, hidden: torch.Tensor, chunk_loss: ChunkLoss, chunk_size: int | None = None) -> torch.Tensor:
+    """The summed chunk loss of head(hidden) (N, V), never holding more than one chunk of logits.
+
+    A plain nn.Linear head takes the fused path (`chunked_linear_loss`). Any other head module, such as
+    a QAT fake-quantized linear, is called as a module, chunk by chunk under activation checkpointing, so
+    its own forward (and backward) applies; its logits are recomputed in the backward.
+    """
+    chunk_size = chunk_size or chunk_rows(head.weight.shape[0])
+    if type(head) is nn.Linear:
+        return chunked_linear_loss(hidden, head.weight, chunk_loss, chunk_size)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        total = total + checkpoint(_chunk_value, head, hidden[rows], rows, chunk_loss, use_reentrant=False)
+    return total
+
+
+def with_autograd(loss_fn: Callable[[torch.Tensor, slice], torch.Tensor]) -> ChunkLoss:
+    """A ChunkLoss from a plain differentiable function of the chunk's logits (gradient by autograd)."""
+    def chunk_loss(logits, rows, need_grad):
+        if not need_grad:
+            return loss_fn(logits, rows), None
+        with torch.enable_grad():
+            logits.requires_grad_()
+            loss = loss_fn(logits, rows)
+            (grad,) = torch.autograd.grad(loss, logits)
+        return loss, grad
+    return chunk_loss
 
 
 def target_rows(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,11 +117,31 @@ def target_rows(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
 
 # ---- per-chunk losses on logits (n, V) ------------------------------------------------------------
 
-def kl_full(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Summed forward KL(teacher || student) over the full vocabulary, scaled by T^2 (Hinton)."""
-    log_s = F.log_softmax(student_logits / temperature, dim=-1)
-    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return temperature**2 * (log_t.exp() * (log_t - log_s)).sum()
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, need_grad: bool):
+    """Summed CE and its gradient softmax - onehot, written over the logits buffer (no autograd graph)."""
+    lse = logits.logsumexp(-1, keepdim=True)  # (n, 1)
+    loss = (lse.squeeze(1) - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+    if not need_grad:
+        return loss, None
+    grad = logits.sub_(lse).exp_()  # softmax, in place
+    grad[torch.arange(len(targets), device=grad.device), targets] -= 1
+    return loss, grad
+
+
+def kl_full(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, need_grad: bool):
+    """Summed forward KL(teacher || student) over the full vocabulary, scaled by T^2 (Hinton), and its gradient.
+
+    d/dz_s [T^2 KL(softmax(z_t/T) || softmax(z_s/T))] = T * (softmax(z_s/T) - softmax(z_t/T)).
+    In-place steps keep five (n, V) buffers alive at most: both logits, log p_s, log p_t, p_t.
+    """
+    scale = 1.0 / temperature
+    log_s = (student_logits * scale if temperature != 1 else student_logits).log_softmax(-1)
+    teacher_logits = teacher_logits.float()
+    log_t = (teacher_logits.mul_(scale) if temperature != 1 else teacher_logits).log_softmax(-1)
+    del teacher_logits
+    p_t = log_t.exp()
+    loss = temperature**2 * log_t.sub_(log_s).mul_(p_t).sum()
+    return loss, (log_s.exp_().sub_(p_t).mul_(temperature) if need_grad else None)
 
 
 def kl_top_k(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, k: int,
@@ -111,13 +170,12 @@ def kl_top_k(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
 class CrossEntropy:
     """Next-token cross-entropy against `targets`."""
 
-    chunk_size: int = 1024
+    chunk_size: int | None = None  # rows per chunk; None: about 128 MiB of fp32 logits (`chunk_rows`)
 
     def __call__(self, model, batch):
         hidden, targets = target_rows(model, batch)
-        return chunked_linear_loss(
-            hidden, model.lm_head.weight,
-            lambda logits, rows: F.cross_entropy(logits, targets[rows], reduction="sum"), self.chunk_size)
+        return head_loss(model.lm_head, hidden,
+                         lambda logits, rows, need_grad: cross_entropy(logits, targets[rows], need_grad), self.chunk_size)
 
 
 @dataclass
@@ -133,7 +191,7 @@ class Distillation:
     ce_weight: float = 0.0
     top_k: int | None = None
     tail_bucket: bool = False
-    chunk_size: int = 1024
+    chunk_size: int | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.ce_weight <= 1.0:
@@ -148,18 +206,25 @@ class Distillation:
         hidden, targets = target_rows(model, batch)
         with torch.no_grad():
             t_hidden, _ = target_rows(self.teacher, batch)  # (N, D_teacher)
-        t_head = self.teacher.lm_head.weight
 
-        def chunk_loss(logits, rows):
+        def teacher_logits(rows):
             with torch.no_grad():
-                t_logits = t_hidden[rows] @ t_head.T  # (n, V)
-            if self.top_k is None:
-                kd = kl_full(logits, t_logits, self.temperature)
-            else:
-                kd = kl_top_k(logits, t_logits, self.temperature, self.top_k, self.tail_bucket)
+                return self.teacher.lm_head(t_hidden[rows])  # (n, V)
+
+        def top_k_loss(logits, rows):  # sparse KD: gradient by autograd
+            kd = kl_top_k(logits, teacher_logits(rows), self.temperature, self.top_k, self.tail_bucket)
             if self.ce_weight == 0:
                 return kd
             ce = F.cross_entropy(logits, targets[rows], reduction="sum")
             return self.ce_weight * ce + (1 - self.ce_weight) * kd
 
-        return chunked_linear_loss(hidden, model.lm_head.weight, chunk_loss, self.chunk_size)
+        def full_loss(logits, rows, need_grad):  # full KD: closed-form gradient
+            kd, grad = kl_full(logits, teacher_logits(rows), self.temperature, need_grad)
+            if self.ce_weight == 0:
+                return kd, grad
+            ce, ce_grad = cross_entropy(logits, targets[rows], need_grad)  # overwrites logits: kd is done with them
+            w = self.ce_weight
+            return w * ce + (1 - w) * kd, (grad.mul_(1 - w).add_(ce_grad, alpha=w) if need_grad else None)
+
+        chunk_loss = full_loss if self.top_k is None else with_autograd(top_k_loss)
+        return head_loss(model.lm_head, hidden, chunk_loss, self.chunk_size)

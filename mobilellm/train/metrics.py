@@ -59,10 +59,11 @@ class ProgressLog:
     Only the process that owns the log (rank 0) passes `enabled=True`.
     """
 
-    def __init__(self, run_dir: Path, total_steps: int, flops_per_token: float, peak_flops: float | None,
-                 enabled: bool = True, print_every: int = 1):
+    def __init__(self, run_dir: Path, total_steps: int, model_config: ModelConfig, peak_flops: float | None,
+                 enabled: bool = True, print_every: int = 1, objective: str = "loss"):
         self.run_dir, self.total_steps, self.enabled = Path(run_dir), total_steps, enabled
-        self.flops_per_token, self.peak_flops, self.print_every = flops_per_token, peak_flops, print_every
+        self.objective = objective  # what "loss" measures (e.g. the loss class): KD's KL is not a CE
+        self.model_config, self.peak_flops, self.print_every = model_config, peak_flops, print_every
         self.width = max(5, len(str(total_steps)))
         self.path = self.run_dir / METRICS_FILE
         self.recent: list[float] = []  # seconds per step, for the ETA
@@ -92,17 +93,18 @@ class ProgressLog:
                 if key != "step" and isinstance(value, (int, float)) and value is not None:
                     self.tensorboard.add_scalar(key, value, record["step"])
 
-    def step(self, step: int, loss: float, lr: float, grad_norm: float, tokens: int, seconds: float,
+    def step(self, step: int, loss: float, lr: float, grad_norm: float, tokens: int, seq_len: int, seconds: float,
              skipped: bool = False) -> str:
         self.recent = (self.recent + [seconds])[-20:]
         tok_s = tokens / seconds if seconds > 0 else float("nan")
-        mfu = tok_s * self.flops_per_token / self.peak_flops if self.peak_flops else None
+        mfu = tok_s * flops_per_token(self.model_config, seq_len) / self.peak_flops if self.peak_flops else None
         eta = (self.total_steps - step - 1) * sum(self.recent) / len(self.recent)
         line = (f"step {step + 1:0{self.width}d}/{self.total_steps:0{self.width}d} | loss {loss:.4f} | lr {lr:.1e} | "
                 f"{format_rate(tok_s)} tok/s | mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
                 f"eta {format_duration(eta)}" + (" | SKIPPED (non-finite)" if skipped else ""))
         if self.enabled:
-            self._write({"step": step + 1, "loss": loss if math.isfinite(loss) else None, "lr": lr,
+            self._write({"step": step + 1, "loss": loss if math.isfinite(loss) else None, "objective": self.objective,
+                         "lr": lr,
                          "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "tokens_per_s": tok_s,
                          "mfu": mfu, "skipped": skipped, "time": time.time()})
             if (step + 1) % self.print_every == 0 or step + 1 == self.total_steps or skipped:

@@ -61,17 +61,19 @@ class Schedule:
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
-    """Two groups: linear-layer matrices (decayed) and norms, embeddings, biases (not decayed).
+    """Two groups: weights of linear layers (decayed) and the rest (not decayed): norms, embeddings, biases,
+    and parameters that transforms add (e.g. QAT's learnable quantization scales).
 
     Decided by module type, not by name; a tied LM head shares the embedding's tensor and is not decayed.
     """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - embeddings
     decay, no_decay, seen = [], [], set()
     for p in model.parameters():  # parameters() yields a shared tensor once
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        if decay_all or (p.ndim >= 2 and id(p) not in embeddings):
+        if decay_all or id(p) in linear:
             decay.append(p)
         else:
             no_decay.append(p)

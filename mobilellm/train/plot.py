@@ -30,13 +30,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not train:
         raise ValueError(f"{run_dir} has no finished training steps to plot yet")
     steps, losses, lrs = zip(*train)
+    objective = next((r["objective"] for r in records if "objective" in r), "loss")
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train (per step)")
+    ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label=f"train {objective} (per step)")
     ax.plot(steps, smooth(list(losses), 0.9 if len(losses) > 20 else 0.0), color="tab:blue", linewidth=2,
-            label="train (smoothed)")
+            label=f"train {objective} (smoothed)")
     if val:
         v_steps, v_losses = zip(*val)
-        ax.plot(v_steps, v_losses, "o-", color="tab:orange", linewidth=2, label="validation (CE)")
+        ax.plot(v_steps, v_losses, "o-", color="tab:orange", linewidth=2, label="validation next-token CE")
     ax.set_ylabel("loss")
     ax.set_title(f"{run_dir.name}: loss", loc="left")
     ax.grid(alpha=0.3)
