@@ -19,6 +19,8 @@ from pathlib import Path
 COMMANDS: dict[str, str] = {
     "info": "mobilellm.commands.info:info",
     "fetch": "mobilellm.commands.fetch:fetch",
+    "eval": "mobilellm.commands.eval:run_eval",
+    "eval-compare": "mobilellm.commands.eval:eval_compare",
 }
 
 
