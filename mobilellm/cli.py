@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "fetch": "mobilellm.commands.fetch:fetch",
     "eval": "mobilellm.commands.eval:run_eval",
     "eval-compare": "mobilellm.commands.eval:eval_compare",
+    "needle": "mobilellm.commands.needle:needle",
+    "lm-eval-hook": "mobilellm.commands.lm_eval_hook:lm_eval_hook",
 }
 
 

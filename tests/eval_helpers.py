@@ -20,10 +20,12 @@ CORPUS = [
 ]
 
 
-def tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
-    """The `tiny` config (local/global layers, window 8) with a 300-token BPE trained on CORPUS."""
-    tokenizer = Tokenizer.train_bpe(CORPUS * 20, vocab_size=300, show_progress=False)
-    cfg = ModelConfig.from_name("tiny").replace(vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id,
+def tiny_checkpoint(folder: Path, config: str = "tiny", seed: int = 0) -> Path:
+    """The `tiny` config (local/global layers, window 8) or another named one, with a 300-token BPE trained on CORPUS."""
+    trained = Tokenizer.train_bpe(CORPUS * 20, vocab_size=300, show_progress=False)
+    # One end-of-sequence token: transformers cannot read the list Tokenizer.save writes for several.
+    tokenizer = Tokenizer(trained.backend, trained.bos_token, trained.eos_tokens[:1], trained.pad_token, trained.chat_template)
+    cfg = ModelConfig.from_name(config).replace(vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id,
                                                 eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
     save_pretrained(build_model(cfg, seed=seed), folder)
     tokenizer.save(folder)
