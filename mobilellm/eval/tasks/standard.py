@@ -29,10 +29,19 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def read_labels(path: Path, suffix: str) -> list[str] | None:
-    """The original PIQA / SocialIQA releases keep labels in `<split>-labels.lst` beside the JSONL."""
-    labels = path.with_name(path.stem + suffix)
-    return labels.read_text().split() if labels.exists() else None
+def rows_with_labels(path: Path) -> list[tuple[dict, str]]:
+    """(row, label) pairs; the original PIQA / SocialIQA releases keep labels in `<split>-labels.lst`
+    beside the JSONL, their HF exports in a `label` field."""
+    rows = read_jsonl(path)
+    labels_file = path.with_name(path.stem + "-labels.lst")
+    labels = labels_file.read_text().split() if labels_file.exists() else None
+    pairs = []
+    for i, row in enumerate(rows):
+        label = row.get("label", labels[i] if labels and i < len(labels) else None)
+        if label is None:
+            raise DataError(f"{path}: item {i} has no label field and {labels_file.name} gives none")
+        pairs.append((row, str(label)))
+    return pairs
 
 
 def field(row: dict, path: Path, *names: str):
@@ -73,26 +82,13 @@ def load_boolq(path: Path) -> list[MultipleChoiceItem]:
 
 
 def load_piqa(path: Path) -> list[MultipleChoiceItem]:
-    rows, labels = read_jsonl(path), read_labels(path, "-labels.lst")
-    items = []
-    for i, row in enumerate(rows):
-        label = row["label"] if "label" in row else (labels[i] if labels else None)
-        if label is None:
-            raise DataError(f"{path}: no label field and no {path.stem}-labels.lst beside it")
-        items.append(mc(f"Question: {row['goal']}\nAnswer:", [row["sol1"], row["sol2"]], int(label)))
-    return items
+    return [mc(f"Question: {row['goal']}\nAnswer:", [row["sol1"], row["sol2"]], int(label))
+            for row, label in rows_with_labels(path)]
 
 
 def load_siqa(path: Path) -> list[MultipleChoiceItem]:
-    rows, labels = read_jsonl(path), read_labels(path, "-labels.lst")
-    items = []
-    for i, row in enumerate(rows):
-        label = row["label"] if "label" in row else (labels[i] if labels else None)
-        if label is None:
-            raise DataError(f"{path}: no label field and no {path.stem}-labels.lst beside it")
-        choices = [row["answerA"], row["answerB"], row["answerC"]]
-        items.append(mc(f"Q: {row['context']} {row['question']}\nA:", choices, int(label) - 1))
-    return items
+    return [mc(f"Q: {row['context']} {row['question']}\nA:", [row["answerA"], row["answerB"], row["answerC"]], int(label) - 1)
+            for row, label in rows_with_labels(path)]
 
 
 def _arc_style(row: dict, path: Path) -> tuple[str, list[str], list[str], str]:
