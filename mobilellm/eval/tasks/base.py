@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from tqdm import tqdm
 
 from .. import metrics
 
@@ -62,7 +64,6 @@ class Task:
     evaluate: Callable[[object, list], TaskResult]  # (EvalLM, items) -> result
     files: tuple[str, ...] = ()  # file names looked up in the data folder; empty: the task brings its data
     main_metric: str = "acc"
-    extras: dict = field(default_factory=dict)
 
     def find_file(self, data_dir: Path | None) -> Path | None:
         if not self.files:
@@ -94,7 +95,7 @@ def evaluate_multiple_choice(lm, items: Sequence[MultipleChoiceItem]) -> TaskRes
 def exact_match_evaluator(options: ExactMatch) -> Callable:
     def evaluate(lm, items: Sequence[GenerationItem]) -> TaskResult:
         samples = []
-        for item in items:
+        for item in tqdm(items, desc="generate", disable=not lm.progress, leave=False):
             prediction = lm.generate_until(item.prompt, options.until, options.max_new_tokens)
             score = metrics.exact_match(prediction, item.answers, ignore_case=options.ignore_case,
                                         ignore_punctuation=options.ignore_punctuation,
