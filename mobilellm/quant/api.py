@@ -61,12 +61,13 @@ def convert(model: Transformer, config: QuantConfig) -> Transformer:
     for name, module in list(model.named_modules()):
         if isinstance(module, (FakeQuantLinear, FakeQuantEmbedding)):
             key = id(module.weight)
-            if key not in converted:
+            shared = key in converted
+            if not shared:
                 converted[key] = _pack(module.weight, module.weight_fake_quantizer)
             packed, scales = converted[key]
             if isinstance(module, FakeQuantLinear):
                 group = module.in_features // scales.shape[1]
-                _swap(model, name, QuantizedLinear(packed, scales, group, module.quantize_activations))
+                _swap(model, name, QuantizedLinear(packed, scales, group, module.quantize_activations, shared))
             else:
                 _swap(model, name, QuantizedEmbedding(packed, scales, module.weight.dtype))
     return model

@@ -17,12 +17,15 @@ from .math import dequantize_int4, fake_quantize_int8_per_token, unpack_int4
 
 
 class QuantizedLinear(nn.Module):
-    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, group_size: int, int8_activations: bool):
+    """`shared=True` (a tied LM head): the buffers belong to the embedding and are left out of the state dict."""
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, group_size: int, int8_activations: bool,
+                 shared: bool = False):
         super().__init__()
         self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
         self.group_size, self.int8_activations = group_size, int8_activations
-        self.register_buffer("packed_weight", packed)  # (N, K/2) uint8
-        self.register_buffer("weight_scale", scales)  # (N, K/group)
+        self.register_buffer("packed_weight", packed, persistent=not shared)  # (N, K/2) uint8
+        self.register_buffer("weight_scale", scales, persistent=not shared)  # (N, K/group)
 
     def forward(self, x):  # (..., K) -> (..., N)
         return int4_linear(x, self.packed_weight, self.weight_scale, self.group_size, self.int8_activations)
