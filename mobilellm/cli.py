@@ -19,6 +19,9 @@ from pathlib import Path
 COMMANDS: dict[str, str] = {
     "info": "mobilellm.commands.info:info",
     "fetch": "mobilellm.commands.fetch:fetch",
+    "generate": "mobilellm.commands.generate:generate",
+    "chat": "mobilellm.commands.generate:chat",
+    "kv-cache": "mobilellm.commands.kv_cache:kv_cache",
 }
 
 

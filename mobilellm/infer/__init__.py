@@ -1,0 +1,1 @@
+"""Inference: KV cache (ring buffers for sliding layers), chunked prefill, decode, sampling, chat."""

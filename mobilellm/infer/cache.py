@@ -1,0 +1,153 @@
+"""The KV cache for decoding: a ring buffer per sliding-window layer, a pre-allocated buffer per global layer.
+
+It implements the model's cache protocol (mobilellm/model.py): `next_position`,
+`update(layer, k, v, positions) -> (k_all, v_all, k_positions)` and `advance(T)`. The cache assumes the
+batch rows advance together from position 0 (one conversation per row, same length), so the position of
+every slot follows from `next_position` alone and no position bookkeeping is stored.
+
+Sliding layers keep the last `window` positions in a ring (slot = position % window). A chunk of T new
+tokens is attended as [ring slots before the chunk] + [the chunk's own keys], so queries early in the chunk
+still see their in-window keys that the chunk is about to overwrite; the mask drops what falls out of each
+query's window. Global (and chunked-attention) layers keep every position up to `max_len`.
+
+With `int8=True`, K and V are stored as int8 with one fp32 scale per token and head (symmetric absmax);
+they are dequantized to the compute dtype when attended.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+from .kv_quant import dequantize_int8, quantize_int8
+
+MiB = 2**20
+
+
+class CacheFullError(ValueError):
+    """More tokens than the cache was allocated for."""
+
+
+def ring_positions(next_position: int, window: int, device=None) -> torch.Tensor:
+    """Position held by each ring slot (window,), -1 where the slot was never written."""
+    slots = torch.arange(window, device=device)
+    # the newest position p < next_position with p % window == slot
+    newest = next_position - 1 - (next_position - 1 - slots) % window
+    return torch.where(newest >= 0, newest, -1)
+
+
+class KVStore:
+    """K and V for one layer, in `slots` positions: (B, n_kv, slots, hd), int8 plus scales or float."""
+
+    def __init__(self, batch: int, n_kv: int, slots: int, head_dim: int, dtype: torch.dtype, int8: bool, device):
+        shape = (batch, n_kv, slots, head_dim)
+        self.dtype, self.int8 = dtype, int8
+        self.k = torch.zeros(shape, dtype=torch.int8 if int8 else dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        if int8:
+            self.k_scale = torch.zeros(shape[:-1] + (1,), dtype=torch.float32, device=device)
+            self.v_scale = torch.zeros_like(self.k_scale)
+
+    def write(self, index, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (B, n_kv, T, hd) at slot `index` (a slice or an index tensor of length T)."""
+        if self.int8:
+            self.k[:, :, index], self.k_scale[:, :, index] = quantize_int8(k)
+            self.v[:, :, index], self.v_scale[:, :, index] = quantize_int8(v)
+        else:
+            self.k[:, :, index] = k
+            self.v[:, :, index] = v
+
+    def read(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots [0, end) in the compute dtype: (B, n_kv, end, hd) each."""
+        if self.int8:
+            return (dequantize_int8(self.k[:, :, :end], self.k_scale[:, :, :end], self.dtype),
+                    dequantize_int8(self.v[:, :, :end], self.v_scale[:, :, :end], self.dtype))
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.k, self.v] + ([self.k_scale, self.v_scale] if self.int8 else [])
+
+
+class KVCache:
+    """Per-layer KV storage that knows each layer's attention type (ring for sliding, full for global)."""
+
+    def __init__(self, config: ModelConfig, max_len: int, batch: int = 1, dtype: torch.dtype = torch.float32,
+                 int8: bool = False, device="cpu"):
+        if max_len <= 0:
+            raise ValueError(f"max_len must be positive, got {max_len}")
+        if max_len > config.max_seq_len:
+            raise ValueError(f"max_len {max_len} is past the model's context of {config.max_seq_len} tokens")
+        self.config, self.max_len, self.int8 = config, max_len, int8
+        self.window = config.sliding_window
+        self.next_position = 0
+        self.stores = [
+            KVStore(batch, config.n_kv_heads, self.slots(layer_type), config.head_dim, dtype, int8, device)
+            for layer_type in config.layer_types]
+
+    def slots(self, layer_type: str) -> int:
+        return min(self.window, self.max_len) if layer_type == "sliding_attention" else self.max_len
+
+    def is_ring(self, layer: int) -> bool:
+        return self.config.layer_types[layer] == "sliding_attention" and self.window < self.max_len
+
+    # ---- the model's protocol -------------------------------------------------------------------
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """Store this step's k, v (B, n_kv, T, hd); return every key the step may attend and their positions."""
+        B, _, T, _ = k.shape
+        start = self.next_position
+        if start + T > self.max_len:
+            raise CacheFullError(f"the KV cache holds {self.max_len} tokens; {start} are cached and {T} more "
+                                 f"do not fit (raise max_len up to the model's context of {self.config.max_seq_len})")
+        store = self.stores[layer]
+        if not self.is_ring(layer):
+            store.write(slice(start, start + T), k, v)
+            k_all, v_all = store.read(start + T)
+            k_pos = torch.arange(start + T, device=k.device).expand(B, -1)
+            return k_all, v_all, k_pos
+        # Ring: old slots first (read before the chunk overwrites them), then the chunk itself.
+        old_k, old_v = store.read(self.window)
+        k_all, v_all = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)  # (B, n_kv, window + T, hd)
+        k_pos = torch.cat([ring_positions(start, self.window, k.device), positions[0]]).expand(B, -1)
+        keep = min(T, self.window)  # only the last `window` tokens of the chunk survive in the ring
+        slots = torch.arange(start + T - keep, start + T, device=k.device) % self.window
+        store.write(slots, k[:, :, T - keep:], v[:, :, T - keep:])
+        return k_all, v_all, k_pos
+
+    def advance(self, T: int) -> None:
+        self.next_position += T
+
+    # ---- bookkeeping ----------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.next_position = 0
+
+    def nbytes(self) -> int:
+        """Bytes actually allocated by the cache's tensors."""
+        return sum(t.untyped_storage().nbytes() for s in self.stores for t in s.tensors())
+
+
+def kv_cache_bytes(config: ModelConfig, tokens: int, bytes_per_value: float = 1, scale_bytes: int = 4,
+                   all_global: bool = False) -> int:
+    """KV-cache bytes for `tokens` cached positions: K and V of every layer, sliding layers capped at the window.
+
+    bytes_per_value is 1 for int8, 2 for bf16, 4 for fp32; scale_bytes is the per-token-per-head scale of
+    int8 storage (0 for float storage, or to count the int8 payload alone as the model card does).
+    """
+    per_token = 2 * config.n_kv_heads * (config.head_dim * bytes_per_value + scale_bytes)  # K and V
+    total = 0
+    for layer_type in config.layer_types:
+        held = tokens if all_global or layer_type != "sliding_attention" else min(tokens, config.sliding_window)
+        total += held * per_token
+    return int(total)
+
+
+def cache_report(config: ModelConfig, token_counts=(2000, 4000, 8000)) -> str:
+    """The model card's KV-cache figures: int8 K and V payload, MiB, sliding layers capped at the window."""
+    lines = [f"KV cache of {config.name} (int8 K and V; MiB = 2^20 bytes; 'with scales' adds one fp32 scale "
+             f"per token and KV head)",
+             f"{'tokens':>8} {'local/global':>13} {'with scales':>12} {'all-global':>11}"]
+    for tokens in token_counts:
+        lg = kv_cache_bytes(config, tokens, scale_bytes=0) / MiB
+        lg_scaled = kv_cache_bytes(config, tokens) / MiB
+        glob = kv_cache_bytes(config, tokens, scale_bytes=0, all_global=True) / MiB
+        lines.append(f"{tokens:>8} {lg:>10.1f} MB {lg_scaled:>9.1f} MB {glob:>8.1f} MB")
+    return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""Prefill in chunks, decode one token at a time, stream tokens as they come (gpt-fast style).
+
+The engine only calls the model's forward API (`hidden_states`, `lm_head`, the cache protocol), so a model
+whose Linear/Embedding modules were swapped for quantized ones runs unchanged.
+
+Chunked prefill is what makes sliding-window layers cheap on long prompts: each chunk's queries attend to
+the ring (the last `window` keys) plus the chunk itself, never to the whole prompt, while global layers
+attend to everything cached so far. Memory stays bounded by the chunk size at any prompt length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .cache import KVCache
+from .sampling import SamplingConfig, sample
+
+PREFILL_CHUNK = 512
+
+
+class ContextError(ValueError):
+    """A prompt that does not fit the model's context or the cache."""
+
+
+def new_cache(model, max_len: int | None = None, int8: bool = False, batch: int = 1) -> KVCache:
+    """A cache for `model` holding up to max_len tokens (default: the model's context)."""
+    config = model.config
+    dtype = model.norm.weight.dtype
+    return KVCache(config, max_len or config.max_seq_len, batch=batch, dtype=dtype, int8=int8,
+                   device=model.norm.weight.device)
+
+
+@torch.no_grad()
+def prefill_chunks(model, tokens: torch.Tensor, cache: KVCache, chunk_size: int = PREFILL_CHUNK) -> Iterator[torch.Tensor]:
+    """Feed tokens (B, T) through the model chunk by chunk; yield each chunk's final hidden states (B, t, dim)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    for start in range(0, tokens.shape[1], chunk_size):
+        yield model.hidden_states(tokens[:, start:start + chunk_size], cache=cache)
+
+
+@torch.no_grad()
+def prefill(model, tokens: torch.Tensor, cache: KVCache, chunk_size: int = PREFILL_CHUNK) -> torch.Tensor:
+    """Cache tokens (B, T); return the logits after the last one (B, V). Only the last position goes
+    through the LM head (at a 200k vocabulary the head of every position would dominate memory)."""
+    if tokens.shape[1] == 0:
+        raise ContextError("empty prompt: nothing to prefill")
+    check_fits(cache, tokens.shape[1])
+    hidden = None
+    for hidden in prefill_chunks(model, tokens, cache, chunk_size):
+        pass
+    return model.lm_head(hidden[:, -1]).float()
+
+
+@torch.no_grad()
+def decode_one_token(model, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """token (B, 1) -> next-token logits (B, V). Small and shape-stable: the step torch.compile may take."""
+    return model.lm_head(model.hidden_states(token, cache=cache)[:, -1]).float()
+
+
+def check_fits(cache: KVCache, new_tokens: int) -> None:
+    used = cache.next_position
+    if used + new_tokens > cache.max_len:
+        raise ContextError(f"{new_tokens} new tokens do not fit: {used} of the {cache.max_len}-token context are "
+                           f"used and {cache.max_len - used} are left")
+
+
+@torch.no_grad()
+def generate(model, prompt: Sequence[int] | torch.Tensor, cache: KVCache, *, max_new_tokens: int,
+             sampling: SamplingConfig = SamplingConfig(), stop_ids: Sequence[int] = (),
+             history: Sequence[int] | None = None, prefill_chunk: int = PREFILL_CHUNK,
+             decode_step=decode_one_token) -> Iterator[int]:
+    """Stream up to max_new_tokens token ids after `prompt` (new tokens, appended to what `cache` holds).
+
+    Stops after yielding a token in stop_ids, or when the cache is full. Every yielded token except the
+    last is in the cache afterwards; a caller continuing the conversation feeds the last one first.
+    `history` (default: the prompt) is what the repetition penalty sees. `decode_step` may be a compiled
+    `decode_one_token`.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    tokens = torch.as_tensor(prompt, dtype=torch.long).reshape(1, -1)
+    device = model.norm.weight.device
+    tokens = tokens.to(device)
+    logits = prefill(model, tokens, cache, prefill_chunk)
+    generator = sampling.generator()
+    seen = list(history if history is not None else tokens[0].tolist())
+    stop = set(stop_ids)
+    for i in range(max_new_tokens):
+        past = torch.tensor([seen], dtype=torch.long, device=device) if sampling.repetition_penalty != 1.0 else None
+        token = sample(logits, sampling, past, generator)  # (1,)
+        token_id = int(token)
+        yield token_id
+        seen.append(token_id)
+        if token_id in stop or i == max_new_tokens - 1 or cache.next_position >= cache.max_len:
+            return
+        logits = decode_step(model, token[:, None], cache)
+
+
+def compiled_decode_step(mode: str = "default"):
+    """decode_one_token under torch.compile (dynamic shapes: the global layers' key count grows each step)."""
+    return torch.compile(decode_one_token, mode=mode, dynamic=True)
