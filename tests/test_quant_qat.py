@@ -101,3 +101,16 @@ def test_bad_configs_are_named():
         QuantConfig("custom", group_size=20)
     assert isinstance(quantize_(build_model(CFG, seed=0), QuantConfig.from_scheme("cpu")).layers[0].mlp.up_proj,
                       QuantizedLinear)
+
+
+def test_converted_model_decodes_with_the_int8_kv_cache_like_its_full_forward():
+    from mobilellm.infer.engine import decode_one_token, new_cache, prefill
+
+    model = quantize_(build_model(CFG, seed=0), QuantConfig.from_scheme("cpu"))
+    t = tokens(5, (1, 20))
+    full = model(t)  # (1, 20, V): no cache
+    cache = new_cache(model, max_len=32, int8=True)
+    logits = [prefill(model, t[:, :12], cache)]
+    for i in range(12, 20):
+        logits.append(decode_one_token(model, t[:, i:i + 1], cache))
+    assert torch.allclose(torch.stack(logits[:-1], 1), full[:, 11:19], atol=1e-4)

@@ -120,14 +120,11 @@ def fake_quantize_int8_per_token(x: torch.Tensor) -> torch.Tensor:
 
 # ---- int8 KV cache (per token, per head) -------------------------------------------------------
 
-def quantize_kv_int8(kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize keys or values (B, n_kv, T, hd) to int8 with one asymmetric scale/zero point per
-    (batch, head, token): returns (int8 (B, n_kv, T, hd), scale (B, n_kv, T, 1), zero_point (B, n_kv, T, 1)).
-    This is the cpu scheme's KV-cache format; dequantize with dequantize_kv_int8."""
-    return quantize_int8_per_token(kv)
+def fake_quantize_kv_int8(kv: torch.Tensor) -> torch.Tensor:
+    """Keys or values (B, n_kv, T, hd) through the KV cache's int8 format (mobilellm.infer.kv_quant:
+    symmetric absmax, one scale per batch row, head and token), with STE: what the cpu scheme's int8 cache
+    will hand back at inference, seen already in training."""
+    from ..infer.kv_quant import quantize_int8  # the cache's own math, so training and inference agree
 
-
-def dequantize_kv_int8(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(B, n_kv, T, hd) keys or values back from quantize_kv_int8's output."""
-    return dequantize_int8_per_token(q, scale, zero_point, dtype)
+    q, scale = quantize_int8(kv)
+    return (kv + (q.float() * scale - kv.float()).detach()).to(kv.dtype)

@@ -3,7 +3,7 @@
 QuantizedLinear and QuantizedEmbedding replace nn.Linear / nn.Embedding in place (same call signatures);
 a tied LM head shares the embedding's packed buffers. KVQuantAttention is the model's Attention with its
 keys and values passed through int8 per-token, per-head (fake) quantization, as the cpu scheme's int8 KV
-cache stores them.
+cache (mobilellm.infer.cache, int8=True) stores them; re-quantizing in that cache is then a no-op.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import nn
 
 from ..model import Attention
 from .kernels import int4_linear
-from .math import dequantize_int4, fake_quantize_int8_per_token, unpack_int4
+from .math import dequantize_int4, fake_quantize_kv_int8, unpack_int4
 
 
 class QuantizedLinear(nn.Module):
@@ -62,7 +62,7 @@ class _Int8KV:
         self.cache = cache
 
     def update(self, layer, k, v, positions):  # k, v: (B, n_kv, T, hd)
-        k, v = fake_quantize_int8_per_token(k), fake_quantize_int8_per_token(v)
+        k, v = fake_quantize_kv_int8(k), fake_quantize_kv_int8(v)
         if self.cache is None:
             return k, v, positions
         return self.cache.update(layer, k, v, positions)
