@@ -48,32 +48,48 @@ void quantize_row(const float* x, int64_t K, uint8_t* u, float* scale_out, int32
   *zpu_out = static_cast<int32_t>(zp) + 128;
 }
 
+// R output rows at once: the activation block is loaded once for R weight rows, and R independent
+// accumulator chains hide the FMA latency (one row alone is latency-bound at one group per 4 cycles).
+template <int R, typename S>
+inline void a8_block(const uint8_t* um, float xs, const __m256i zv, const uint8_t* w, const S* sc, int64_t n,
+                     int64_t K, int64_t G, int64_t N, float* ym) {
+  const int64_t n_groups = K / G, blocks = G / 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < n_groups; ++g) {
+    __m256i gsum[R];
+    for (int r = 0; r < R; ++r) gsum[r] = _mm256_setzero_si256();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t col = (g * blocks + b) * 32;
+      const __m256i uv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(um + col));
+      for (int r = 0; r < R; ++r) {
+        // Prefetch the rows two blocks ahead: the hardware prefetcher alone left a 145 MB LM head at ~1/4
+        // of the measured read bandwidth. (Prefetching past the end of the matrix is harmless.)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (n + r + 2 * R) * (K / 2) + col / 2), _MM_HINT_T0);
+        const __m256i wv = unpack32(w + (n + r) * (K / 2) + col / 2);
+        // (u - zpu) * w summed in pairs; |value| <= 255 * 8 * 2 per term, fits int16.
+        const __m256i p = _mm256_sub_epi16(_mm256_maddubs_epi16(uv, wv), _mm256_maddubs_epi16(zv, wv));
+        gsum[r] = _mm256_add_epi32(gsum[r], _mm256_madd_epi16(p, ones));
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(gsum[r]), _mm256_set1_ps(to_float(sc[(n + r) * n_groups + g])), acc[r]);
+  }
+  for (int r = 0; r < R; ++r) ym[n + r] = hsum(acc[r]) * xs;
+}
+
 template <typename S>
 void a8_rows(const uint8_t* u, const float* xs, const int32_t* zpu, int64_t M, const uint8_t* w,
              const S* sc, int64_t N, int64_t K, int64_t G, float* y) {
-  const int64_t n_groups = K / G, blocks = G / 32;
-  const __m256i ones = _mm256_set1_epi16(1);
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* wr = w + n * (K / 2);
-      const S* sr = sc + n * n_groups;
-      for (int64_t m = 0; m < M; ++m) {
-        const uint8_t* um = u + m * K;
-        const __m256i zv = _mm256_set1_epi8(static_cast<char>(zpu[m]));
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t g = 0; g < n_groups; ++g) {
-          __m256i gsum = _mm256_setzero_si256();
-          for (int64_t b = 0; b < blocks; ++b) {
-            const int64_t col = (g * blocks + b) * 32;
-            __m256i wv = unpack32(wr + col / 2);
-            __m256i uv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(um + col));
-            // (u - zpu) * w summed in pairs; |value| <= 255 * 8 * 2 per term, fits int16.
-            __m256i p = _mm256_sub_epi16(_mm256_maddubs_epi16(uv, wv), _mm256_maddubs_epi16(zv, wv));
-            gsum = _mm256_add_epi32(gsum, _mm256_madd_epi16(p, ones));
-          }
-          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(gsum), _mm256_set1_ps(to_float(sr[g])), acc);
-        }
-        y[m * N + n] = hsum(acc) * xs[m];
+  constexpr int R = 4;
+  at::parallel_for(0, (N + R - 1) / R, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t m = 0; m < M; ++m) {
+      const __m256i zv = _mm256_set1_epi8(static_cast<char>(zpu[m]));
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t n = blk * R;
+        if (n + R <= N) a8_block<R>(u + m * K, xs[m], zv, w, sc, n, K, G, N, y + m * N);
+        else for (int64_t r = n; r < N; ++r) a8_block<1>(u + m * K, xs[m], zv, w, sc, r, K, G, N, y + m * N);
       }
     }
   });
