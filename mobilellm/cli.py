@@ -22,6 +22,8 @@ COMMANDS: dict[str, str] = {
     "generate": "mobilellm.commands.generate:generate",
     "chat": "mobilellm.commands.generate:chat",
     "kv-cache": "mobilellm.commands.kv_cache:kv_cache",
+    "corpus": "mobilellm.commands.corpus:corpus",
+    "tokenize": "mobilellm.commands.tokenize:tokenize",
 }
 
 
