@@ -114,3 +114,46 @@ def test_converted_model_decodes_with_the_int8_kv_cache_like_its_full_forward():
     for i in range(12, 20):
         logits.append(decode_one_token(model, t[:, i:i + 1], cache))
     assert torch.allclose(torch.stack(logits[:-1], 1), full[:, 11:19], atol=1e-4)
+
+
+@pytest.mark.parametrize("self_distillation", [True, False])
+def test_qat_through_the_train_loop(self_distillation, tmp_path):
+    from mobilellm.quant.qat import qat
+    from mobilellm.train.loop import TrainConfig
+    from mobilellm.train.optim import Schedule
+    from mobilellm.train.synthetic import SyntheticBatches
+
+    config = QuantConfig.from_scheme("cpu")
+    fp = build_model(CFG, seed=0)
+    # The first step's loss must be the loss of the fully fake-quantized model (LM head and its int8
+    # input included) on the first batch: KL to the full-precision model, or CE.
+    batch = next(SyntheticBatches(CFG.vocab_size, 2, 32))
+    with torch.no_grad():
+        student = prepare(copy.deepcopy(fp), config)(batch["tokens"]).flatten(0, 1)
+        if self_distillation:
+            teacher = fp(batch["tokens"]).flatten(0, 1)
+            expected = F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="batchmean")
+        else:
+            expected = F.cross_entropy(student, batch["targets"].flatten())
+    steps = 3
+    result = qat(fp, config, SyntheticBatches(CFG.vocab_size, 2, 32), TrainConfig(steps, Schedule(1e-3, steps)),
+                 tmp_path, self_distillation=self_distillation)
+    assert result.losses[0] == pytest.approx(expected.item(), rel=1e-3)
+    assert expected > 0
+    assert isinstance(result.model.lm_head, QuantizedLinear) and len(result.losses) == steps
+    assert result.model(tokens()).shape == (2, 48, CFG.vocab_size)
+
+
+def test_loop_checkpoint_stores_learnt_ranges_under_fake_quantizer_keys(tmp_path):
+    from safetensors import safe_open
+
+    from mobilellm.quant.qat import qat
+    from mobilellm.train.loop import TrainConfig
+    from mobilellm.train.optim import Schedule
+    from mobilellm.train.synthetic import SyntheticBatches
+
+    qat(build_model(CFG, seed=0), QuantConfig.from_scheme("accelerator"), SyntheticBatches(CFG.vocab_size, 2, 16),
+        TrainConfig(1, Schedule(1e-3, 1)), tmp_path)
+    ckpt = sorted((tmp_path / "checkpoints").glob("step_*"))[-1]
+    with safe_open(next(ckpt.glob("*.safetensors")), "pt") as f:
+        assert "model.layers.0.self_attn.q_proj.weight_fake_quantizer.scale" in f.keys()
