@@ -24,6 +24,8 @@ COMMANDS: dict[str, str] = {
     "kv-cache": "mobilellm.commands.kv_cache:kv_cache",
     "corpus": "mobilellm.commands.corpus:corpus",
     "tokenize": "mobilellm.commands.tokenize:tokenize",
+    "quantize": "mobilellm.commands.quantize:quantize",
+    "qat": "mobilellm.commands.quantize:qat",
 }
 
 

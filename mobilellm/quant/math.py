@@ -20,10 +20,6 @@ INT8_MIN, INT8_MAX = -128, 127
 SCALE_EPS = 1e-9  # an all-zero group still gets a finite scale
 
 
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return x + (torch.round(x) - x).detach()
-
-
 def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """(N, K) -> (N, K/group_size, group_size)."""
     N, K = w.shape
@@ -54,12 +50,33 @@ def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
     return w.reshape(q.shape).to(dtype)
 
 
+class _FakeQuantInt4(torch.autograd.Function):
+    """STE fake quantization that saves only its inputs (the weight is alive anyway) and recomputes the
+    rest in the backward: QAT of a 135M model would otherwise keep ~5 weight-sized temporaries per step."""
+
+    @staticmethod
+    def forward(ctx, w, scales):
+        ctx.save_for_backward(w, scales)
+        return dequantize_int4(quantize_int4(w, scales), scales, w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, scales = ctx.saved_tensors
+        group_size = w.shape[1] // scales.shape[1]
+        q = _groups(w.float(), group_size) / scales.float()[..., None]  # (N, K/g, g)
+        inside = (q >= INT4_MIN - 0.5) & (q <= INT4_MAX + 0.5)  # where round+clamp passes the gradient
+        g = _groups(grad.float(), group_size)
+        grad_w = (g * inside).reshape(w.shape).to(w.dtype) if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:  # LSQ: round(q) - q inside the range, the clamp bound outside
+            q_int = torch.round(q).clamp(INT4_MIN, INT4_MAX)
+            grad_s = (g * torch.where(inside, q_int - q, q_int)).sum(-1).to(scales.dtype)
+        return grad_w, grad_s
+
+
 def fake_quantize_int4(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """dequantize(quantize(w)) with STE; gradients flow to w and (LSQ) to a learnable `scales`."""
-    group_size = w.shape[1] // scales.shape[1]
-    s = scales.float()[..., None]
-    q = _round_ste(_groups(w.float(), group_size) / s).clamp(INT4_MIN, INT4_MAX)
-    return (q * s).reshape(w.shape).to(w.dtype)
+    return _FakeQuantInt4.apply(w, scales)
 
 
 # ---- int4 packing: two values per byte ---------------------------------------------------------
@@ -111,11 +128,19 @@ def dequantize_int8_per_token(q: torch.Tensor, scale: torch.Tensor, zero_point: 
     return ((q.float() - zero_point) * scale).to(dtype)
 
 
+class _FakeQuantInt8PerToken(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return dequantize_int8_per_token(*quantize_int8_per_token(x), dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # STE: the range always covers x, so the gradient passes everywhere
+        return grad
+
+
 def fake_quantize_int8_per_token(x: torch.Tensor) -> torch.Tensor:
     """Per-token int8 asymmetric fake quantization with STE (scale and zero point are not trained)."""
-    scale, zero_point = int8_token_qparams(x)
-    q = (_round_ste(x.float() / scale) + zero_point).clamp(INT8_MIN, INT8_MAX)
-    return ((q - zero_point) * scale).to(x.dtype)
+    return _FakeQuantInt8PerToken.apply(x)
 
 
 # ---- int8 KV cache (per token, per head) -------------------------------------------------------

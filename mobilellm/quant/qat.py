@@ -62,12 +62,16 @@ def frozen_teacher(model: nn.Module) -> nn.Module:
 
 
 def qat(model: nn.Module, config: QuantConfig, batches: Iterator[dict], train_config: TrainConfig,
-        run_dir: str | Path, *, self_distillation: bool = True,
+        run_dir: str | Path, *, self_distillation: bool = True, teacher: nn.Module | None = None,
         val_batches: Sequence[dict] | None = None) -> TrainResult:
     """prepare -> train (KL to the frozen full-precision model, or plain CE) -> convert. Returns the loop's
     result with `model` the converted int4 model; the loop's checkpoints (fake-quantized, resumable; for
-    learnable ranges they hold `...weight_fake_quantizer.scale` tensors) are in run_dir."""
-    inner = Distillation(frozen_teacher(model)) if self_distillation else CrossEntropy()
+    learnable ranges they hold `...weight_fake_quantizer.scale` tensors) are in run_dir. `teacher`: the
+    full-precision model when the caller already holds a frozen copy (default: a copy of `model`)."""
+    if self_distillation:
+        inner = Distillation(teacher if teacher is not None else frozen_teacher(model))
+    else:
+        inner = CrossEntropy()
     result = train(model, batches, QuantizedHead(inner), train_config, run_dir,
                    transforms=[lambda m: prepare(m, config)], val_batches=val_batches)
     with torch.no_grad():

@@ -83,11 +83,12 @@ template <typename S>
 void a8_rows(const uint8_t* u, const float* xs, const int32_t* zpu, int64_t M, const uint8_t* w,
              const S* sc, int64_t N, int64_t K, int64_t G, float* y) {
   constexpr int R = 4;
+  // Weight block outer, tokens inner: R weight rows stay in L1 while every token (prefill) passes by.
   at::parallel_for(0, (N + R - 1) / R, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t m = 0; m < M; ++m) {
-      const __m256i zv = _mm256_set1_epi8(static_cast<char>(zpu[m]));
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t n = blk * R;
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t n = blk * R;
+      for (int64_t m = 0; m < M; ++m) {
+        const __m256i zv = _mm256_set1_epi8(static_cast<char>(zpu[m]));
         if (n + R <= N) a8_block<R>(u + m * K, xs[m], zv, w, sc, n, K, G, N, y + m * N);
         else for (int64_t r = n; r < N; ++r) a8_block<1>(u + m * K, xs[m], zv, w, sc, r, K, G, N, y + m * N);
       }
