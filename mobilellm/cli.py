@@ -23,6 +23,13 @@ COMMANDS: dict[str, str] = {
     "eval-compare": "mobilellm.commands.eval:eval_compare",
     "needle": "mobilellm.commands.needle:needle",
     "lm-eval-hook": "mobilellm.commands.lm_eval_hook:lm_eval_hook",
+    "generate": "mobilellm.commands.generate:generate",
+    "chat": "mobilellm.commands.generate:chat",
+    "kv-cache": "mobilellm.commands.kv_cache:kv_cache",
+    "corpus": "mobilellm.commands.corpus:corpus",
+    "tokenize": "mobilellm.commands.tokenize:tokenize",
+    "quantize": "mobilellm.commands.quantize:quantize",
+    "qat": "mobilellm.commands.quantize:qat",
 }
 
 

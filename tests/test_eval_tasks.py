@@ -128,3 +128,21 @@ def test_eval_command_rejects_bad_input(checkpoint, tmp_path, capsys):
     assert main(["eval", str(checkpoint), "--tasks", "boolq", "--data-dir", str(FIXTURES), "--limit", "0"]) == 2
     (tmp_path / "x.json").write_text(json.dumps({"no": 1}))
     assert main(["eval-compare", str(tmp_path / "x.json"), str(tmp_path / "x.json")]) == 2
+
+
+def test_full_precision_vs_int4_through_the_cli(checkpoint, tmp_path, capsys):
+    pytest.importorskip("mobilellm.quant")
+    int4 = tmp_path / "int4"
+    assert main(["quantize", str(checkpoint), "--scheme", "cpu", "--out", str(int4)]) == 0
+    args = ["--tasks", "hellaswag,arc_easy", "--data-dir", str(FIXTURES)]
+    assert main(["eval", str(int4), *args, "--out", str(tmp_path / "int4.json")]) == 2
+    assert "tokenizer.json" in capsys.readouterr().err  # a quantized folder holds no tokenizer
+    assert main(["eval", str(int4), *args, "--tokenizer", str(checkpoint), "--out", str(tmp_path / "int4.json")]) == 0
+    assert main(["eval", str(checkpoint), *args, "--out", str(tmp_path / "fp32.json")]) == 0
+    fp, q = load_results(tmp_path / "fp32.json"), load_results(tmp_path / "int4.json")
+    lls_fp = fp["tasks"]["hellaswag"]["samples"][0]["logliks"]
+    lls_q = q["tasks"]["hellaswag"]["samples"][0]["logliks"]
+    assert lls_fp != lls_q and lls_fp == pytest.approx(lls_q, rel=0.2)  # quantized, yet the same model
+    capsys.readouterr()
+    assert main(["eval-compare", str(tmp_path / "fp32.json"), str(tmp_path / "int4.json")]) == 0
+    assert "hellaswag" in capsys.readouterr().out

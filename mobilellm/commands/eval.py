@@ -21,7 +21,8 @@ def split_names(text: str) -> list[str]:
 
 
 def run_eval(checkpoint: Path, *, tasks: str, limit: int | None = None, out: Path | None = None,
-         data_dir: Path | None = None, dtype: str = "float32", batch_tokens: int = 2048) -> None:
+             data_dir: Path | None = None, tokenizer: Path | None = None, dtype: str = "float32",
+             batch_tokens: int = 2048) -> None:
     """Evaluate a checkpoint on benchmark tasks; print a table and write the results as JSON.
 
     Tasks: hellaswag, boolq, piqa, social_iqa, arc_easy, arc_challenge, winogrande, openbookqa
@@ -29,11 +30,12 @@ def run_eval(checkpoint: Path, *, tasks: str, limit: int | None = None, out: Pat
     (pass@1), bigbench_social_iqa, bigbench_winowhy, bigbench_strategyqa, bigbench_elementary_math_qa.
 
     Args:
-        checkpoint: checkpoint folder (weights, config and tokenizer.json)
+        checkpoint: checkpoint folder, full precision or quantized (mobilellm quantize)
         tasks: comma-separated task names
         limit: evaluate only the first N items of each task
         out: results JSON to write
         data_dir: folder with the local task files (<task>.jsonl or the original release's files)
+        tokenizer: folder with tokenizer.json when the checkpoint has none (a quantized one)
         dtype: float32 or bfloat16
         batch_tokens: tokens per scoring batch (memory vs speed)
     """
@@ -43,7 +45,7 @@ def run_eval(checkpoint: Path, *, tasks: str, limit: int | None = None, out: Pat
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    lm = EvalLM.load(checkpoint, dtype=DTYPES[dtype], batch_tokens=batch_tokens)
+    lm = EvalLM.load(checkpoint, dtype=DTYPES[dtype], tokenizer=tokenizer, batch_tokens=batch_tokens)
     results = run_tasks(lm, names, data_dir=data_dir, limit=limit)
     print(results_table(results))
     if out is not None:

@@ -19,6 +19,16 @@ from ..tokenizer import Tokenizer
 from .loglik import TokenRequest, loglikelihood_tokens, token_logprobs
 
 
+def load_model(folder: str | Path, dtype: torch.dtype):
+    """A full-precision HF folder, or a quantized one (its quantization_config.json says so)."""
+    from ..quant.config import QUANT_CONFIG_FILE
+
+    if (Path(folder) / QUANT_CONFIG_FILE).exists():
+        from ..quant.checkpoint import load_quantized
+        return load_quantized(folder, dtype)[0]
+    return load_pretrained(folder, dtype=dtype)
+
+
 class EvalLM:
     def __init__(self, model, tokenizer: Tokenizer, *, batch_tokens: int = 2048, progress: bool = True):
         tokenizer.check_fits(model.config.vocab_size)
@@ -30,9 +40,10 @@ class EvalLM:
         self.checkpoint: str | None = None
 
     @classmethod
-    def load(cls, checkpoint: str | Path, dtype: torch.dtype = torch.float32, **kwargs) -> "EvalLM":
-        """A checkpoint folder holding the weights and the tokenizer (tokenizer.json)."""
-        lm = cls(load_pretrained(checkpoint, dtype=dtype), Tokenizer.load(checkpoint), **kwargs)
+    def load(cls, checkpoint: str | Path, dtype: torch.dtype = torch.float32, tokenizer: str | Path | None = None,
+             **kwargs) -> "EvalLM":
+        """A checkpoint folder, full precision or quantized; its tokenizer.json, or the one in `tokenizer`."""
+        lm = cls(load_model(checkpoint, dtype), Tokenizer.load(tokenizer or checkpoint), **kwargs)
         lm.checkpoint = str(checkpoint)
         return lm
 
@@ -73,6 +84,8 @@ class EvalLM:
 
     def generate_until(self, prompt: str, until: Sequence[str], max_new_tokens: int = 256) -> str:
         """Greedy continuation of prompt, cut before the first stop string (or at end-of-sequence)."""
+        if not 0 < max_new_tokens < self.max_len:
+            raise ValueError(f"max_new_tokens must be in 1..{self.max_len - 1}, got {max_new_tokens}")
         ids = self.tokenizer.encode(prompt) or [self.prefix_token_id]
         ids = ids[-(self.max_len - max_new_tokens):]  # left-truncate, as lm-eval does
         cache = new_cache(self.model, max_len=len(ids) + max_new_tokens)

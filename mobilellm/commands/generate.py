@@ -1,0 +1,71 @@
+"""`mobilellm generate` and `mobilellm chat`: run a checkpoint on the CPU, streaming text."""
+
+from __future__ import annotations
+
+import sys
+
+from ..hf import load_pretrained
+from ..infer.chat import ChatSession, generate_text, run_chat
+from ..infer.sampling import SamplingConfig
+from ..tokenizer import Tokenizer
+
+
+def load(checkpoint: str):
+    model = load_pretrained(checkpoint).eval()
+    tokenizer = Tokenizer.load(checkpoint)
+    tokenizer.check_fits(model.config.vocab_size)
+    return model, tokenizer
+
+
+def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens: int = 256,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             repetition_penalty: float = 1.0, seed: int | None = None, int8_kv: bool = False,
+             stop: list[str] | None = None) -> None:
+    """Continue a prompt with a checkpoint, streaming the text as it is generated.
+
+    Args:
+        checkpoint: a checkpoint folder (HF layout with tokenizer.json)
+        prompt: the text to continue (an error if it does not fit the model's context)
+        chat: wrap the prompt as one user turn in the tokenizer's chat template
+        max_new_tokens: most tokens to generate (also stops at EOS and when the context is full)
+        temperature: 0 for greedy decoding
+        top_k: sample among the k most likely tokens
+        top_p: sample among the most likely tokens holding probability p
+        repetition_penalty: > 1 discourages repeating tokens of the context
+        seed: random seed for sampling
+        int8_kv: keep the KV cache in int8 (per-token, per-head scales)
+        stop: strings that end the generation
+    """
+    sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
+    model, tokenizer = load(checkpoint)
+    for piece in generate_text(model, tokenizer, prompt, chat=chat, max_new_tokens=max_new_tokens,
+                               sampling=sampling, int8_kv=int8_kv, stop_strings=stop or ()):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def chat(checkpoint: str, *, system: str | None = None, max_new_tokens: int = 512, max_context: int = 4096,
+         temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+         repetition_penalty: float = 1.0, seed: int | None = None, int8_kv: bool = False) -> None:
+    """Chat with a checkpoint in the terminal; the conversation stays in the KV cache between turns.
+
+    Type a message and press enter; /reset starts a new conversation, /quit (or end of input) leaves.
+
+    Args:
+        checkpoint: a checkpoint folder (HF layout with tokenizer.json and a chat template)
+        system: a system message opening the conversation
+        max_new_tokens: most tokens per reply
+        max_context: tokens the conversation may hold (capped at the model's context)
+        temperature: 0 for greedy decoding
+        top_k: sample among the k most likely tokens
+        top_p: sample among the most likely tokens holding probability p
+        repetition_penalty: > 1 discourages repeating tokens of the context
+        seed: random seed for sampling
+        int8_kv: keep the KV cache in int8 (per-token, per-head scales)
+    """
+    sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
+    model, tokenizer = load(checkpoint)
+    session = ChatSession(model, tokenizer, max_context=max_context, sampling=sampling,
+                          max_new_tokens=max_new_tokens, int8_kv=int8_kv, system=system)
+    run_chat(session, sys.stdin, sys.stdout)

@@ -1,0 +1,126 @@
+"""Training progress: one line per step, metrics as JSONL (and TensorBoard when installed), FLOPs and MFU."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from ..config import ModelConfig
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def matmul_params(config: ModelConfig) -> int:
+    """Parameters that take part in a matmul per token: the blocks and the LM head (not the embedding lookup)."""
+    d, hd = config.dim, config.head_dim
+    attn = d * hd * (2 * config.n_heads + 2 * config.n_kv_heads)
+    mlp = 3 * d * config.ffn_dim
+    return config.n_layers * (attn + mlp) + config.vocab_size * d
+
+
+def attention_context(config: ModelConfig, layer_type: str, seq_len: int) -> int:
+    if layer_type == "sliding_attention":
+        return min(seq_len, config.sliding_window)
+    if layer_type == "chunked_attention":
+        return min(seq_len, config.attention_chunk_size)
+    return seq_len
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6N plus 12 * heads * head_dim * context per layer.
+
+    The attention term follows the PaLM / nanoGPT convention (no halving for causality); a sliding layer
+    sees at most its window, so MobileLLM-Pro's local layers cost a fraction of a global one's.
+    """
+    attn = sum(12 * config.n_heads * config.head_dim * attention_context(config, t, seq_len)
+               for t in config.layer_types)
+    return 6 * matmul_params(config) + attn
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def format_rate(tokens_per_s: float) -> str:
+    if tokens_per_s >= 1e6:
+        return f"{tokens_per_s / 1e6:.2f}M"
+    return f"{tokens_per_s / 1e3:.1f}k" if tokens_per_s >= 1e3 else f"{tokens_per_s:.0f}"
+
+
+class ProgressLog:
+    """Prints `step 00100/05000 | loss 3.21 | lr 3.0e-04 | 12.3k tok/s | mfu 1.2% | eta 4m10s` and records JSONL.
+
+    `peak_flops` is the hardware's peak FLOP/s (all devices together); without it MFU reads "n/a".
+    Only the process that owns the log (rank 0) passes `enabled=True`.
+    """
+
+    def __init__(self, run_dir: Path, total_steps: int, flops_per_token: float, peak_flops: float | None,
+                 enabled: bool = True, print_every: int = 1):
+        self.run_dir, self.total_steps, self.enabled = Path(run_dir), total_steps, enabled
+        self.flops_per_token, self.peak_flops, self.print_every = flops_per_token, peak_flops, print_every
+        self.width = max(5, len(str(total_steps)))
+        self.path = self.run_dir / METRICS_FILE
+        self.recent: list[float] = []  # seconds per step, for the ETA
+        self.tensorboard = None
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                pass
+
+    def start_at(self, done: int) -> None:
+        """On resume after `done` steps, drop later records (a killed run may have logged past its checkpoint)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= done]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+
+    def _write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self.tensorboard.add_scalar(key, value, record["step"])
+
+    def step(self, step: int, loss: float, lr: float, grad_norm: float, tokens: int, seconds: float,
+             skipped: bool = False) -> str:
+        self.recent = (self.recent + [seconds])[-20:]
+        tok_s = tokens / seconds if seconds > 0 else float("nan")
+        mfu = tok_s * self.flops_per_token / self.peak_flops if self.peak_flops else None
+        eta = (self.total_steps - step - 1) * sum(self.recent) / len(self.recent)
+        line = (f"step {step + 1:0{self.width}d}/{self.total_steps:0{self.width}d} | loss {loss:.4f} | lr {lr:.1e} | "
+                f"{format_rate(tok_s)} tok/s | mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
+                f"eta {format_duration(eta)}" + (" | SKIPPED (non-finite)" if skipped else ""))
+        if self.enabled:
+            self._write({"step": step + 1, "loss": loss if math.isfinite(loss) else None, "lr": lr,
+                         "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "tokens_per_s": tok_s,
+                         "mfu": mfu, "skipped": skipped, "time": time.time()})
+            if (step + 1) % self.print_every == 0 or step + 1 == self.total_steps or skipped:
+                print(line, flush=True)
+        return line
+
+    def validation(self, step: int, val_loss: float) -> None:
+        if self.enabled:
+            self._write({"step": step + 1, "val_loss": val_loss, "time": time.time()})
+            print(f"step {step + 1:0{self.width}d}/{self.total_steps:0{self.width}d} | val loss {val_loss:.4f}", flush=True)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}: is it a training run folder?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,89 @@
+"""Checkpoints: a run killed mid-way (SIGKILL, even while saving) resumes to the bit-identical loss sequence."""
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mobilellm.hf import load_pretrained
+from mobilellm.train.checkpoint import latest_checkpoint, step_dirs
+from mobilellm.train.loop import train
+from mobilellm.train.losses import CrossEntropy
+from tests.train_common import one_thread, tiny_setup  # noqa: F401 (autouse fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, SAVE_EVERY = 9, 3
+
+# The child trains like `run()` below, and SIGKILLs itself: during step 8 (after the step-6 checkpoint),
+# or in the middle of writing the step-6 checkpoint (model files written, optimizer state not yet).
+CHILD = """
+import os, signal, sys, torch
+torch.set_num_threads(1)
+from mobilellm.train import checkpoint
+from mobilellm.train.loop import train
+from mobilellm.train.losses import CrossEntropy
+from tests.train_common import tiny_setup
+
+run_dir, mode = sys.argv[1], sys.argv[2]
+calls = []
+
+def loss(model, batch):
+    calls.append(1)
+    if mode == "step" and len(calls) == 8:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return CrossEntropy()(model, batch)
+
+real_save = checkpoint.dcp.save
+def dying_save(state, checkpoint_id):
+    if mode == "save" and "step_0000006" in str(checkpoint_id):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(state, checkpoint_id=checkpoint_id)
+checkpoint.dcp.save = dying_save
+
+model, batches, config = tiny_setup(steps=%d, save_every=%d)
+train(model, batches, loss, config, run_dir)
+""" % (STEPS, SAVE_EVERY)
+
+
+def run(run_dir, resume=False):
+    model, batches, config = tiny_setup(steps=STEPS, save_every=SAVE_EVERY)
+    return train(model, batches, CrossEntropy(), config, run_dir, resume=resume)
+
+
+def logged_losses(run_dir):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
+
+
+@pytest.mark.parametrize("mode,latest_before_resume", [("step", 6), ("save", 3)])
+def test_killed_run_resumes_bit_identically(tmp_path, mode, latest_before_resume):
+    reference = run(tmp_path / "reference")
+    killed = tmp_path / "killed"
+    child = subprocess.run([sys.executable, "-c", CHILD, str(killed), mode], cwd=ROOT, capture_output=True, text=True)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert latest_checkpoint(killed).name == f"step_{latest_before_resume:07d}"
+    resumed = run(killed, resume=True)
+    assert len(resumed.losses) == STEPS - latest_before_resume
+    assert logged_losses(killed) == logged_losses(tmp_path / "reference")  # exact floats, every step
+    for a, b in zip(reference.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not list((killed / "checkpoints").glob(".*"))  # the half-written checkpoint was replaced
+
+
+def test_keep_last_and_checkpoints_load_as_models(tmp_path):
+    model, batches, config = tiny_setup(steps=8, save_every=2, keep_last=2)
+    result = train(model, batches, CrossEntropy(), config, tmp_path)
+    assert [p.name for p in step_dirs(tmp_path)] == ["step_0000006", "step_0000008"]
+    loaded = load_pretrained(result.checkpoint)  # the format the rest of the tool reads
+    for (name, a), b in zip(result.model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_of_a_finished_run_does_nothing_more(tmp_path):
+    run(tmp_path)
+    again = run(tmp_path, resume=True)
+    assert again.losses == [] and again.checkpoint.name == f"step_{STEPS:07d}"
