@@ -106,3 +106,16 @@ def test_lm_eval_cli_runs_our_adapter_and_agrees_with_our_harness(checkpoint, tm
         theirs = [float(ll) for ll, _ in sample["filtered_resps"]]
         assert theirs == pytest.approx(our["logliks"], abs=1e-4)
         assert (sample["acc"], sample["acc_norm"]) == (our["acc"], our["acc_norm"])
+
+
+def test_adapter_rolling_windows_and_generation_match_our_own(checkpoint):
+    from mobilellm.eval.lm_eval_adapter import MobileLLMAdapter
+    lm = EvalLM.load(checkpoint, progress=False)
+    adapter = MobileLLMAdapter.from_eval_lm(lm)
+    long_text = "The quick brown fox jumps over the lazy dog. " * 40  # several 256-token windows
+    for text in ("Paris is the capital of France.", long_text):
+        (theirs,) = adapter.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+        ours, _ = lm.rolling_loglikelihood(text, window=lm.max_len, stride=lm.max_len)
+        assert theirs == pytest.approx(ours, abs=1e-3)
+    request = Instance("generate_until", {}, ("Paris is", {"until": ["."], "max_gen_toks": 6}), 0)
+    assert adapter.generate_until([request], disable_tqdm=True) == [lm.generate_until("Paris is", ["."], 6)]

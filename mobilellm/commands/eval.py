@@ -4,14 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from ..eval.lm import EvalLM
+from ..eval.lm import EvalLM, parse_dtype
 from ..eval.report import compare_table, load_results, results_table, run_tasks, save_results
 from ..eval.tasks import TASKS
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 def split_names(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -43,9 +38,7 @@ def run_eval(checkpoint: Path, *, tasks: str, limit: int | None = None, out: Pat
     unknown = [n for n in names if n not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    lm = EvalLM.load(checkpoint, dtype=DTYPES[dtype], tokenizer=tokenizer, batch_tokens=batch_tokens)
+    lm = EvalLM.load(checkpoint, dtype=parse_dtype(dtype), tokenizer=tokenizer, batch_tokens=batch_tokens)
     results = run_tasks(lm, names, data_dir=data_dir, limit=limit)
     print(results_table(results))
     if out is not None:

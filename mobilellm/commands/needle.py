@@ -5,9 +5,7 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
-import torch
-
-from ..eval.lm import EvalLM
+from ..eval.lm import EvalLM, parse_dtype
 from ..eval.needle import needle_grid, save_heatmap
 from ..eval.report import save_results
 
@@ -46,13 +44,10 @@ def needle(checkpoint: Path, *, lengths: str = "256,512,1024,2048", depths: str 
         png: heatmap PNG to write
         dtype: float32 or bfloat16
     """
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if dtype not in dtypes:
-        raise ValueError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
     if trials < 1:
         raise ValueError(f"--trials must be >= 1, got {trials}")
     text = Path(corpus).read_text(encoding="utf-8", errors="replace") if corpus else default_corpus()
-    lm = EvalLM.load(checkpoint, dtype=dtypes[dtype])
+    lm = EvalLM.load(checkpoint, dtype=parse_dtype(dtype))
     grid = needle_grid(lm, text, parse_numbers(lengths, int, "--lengths"), parse_numbers(depths, float, "--depths"), trials)
     print(f"{'depth':>6}  " + "  ".join(f"{n:>6}" for n in grid.lengths))
     for depth, row in zip(grid.depths, grid.accuracy):

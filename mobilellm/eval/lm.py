@@ -19,6 +19,15 @@ from ..tokenizer import Tokenizer
 from .loglik import TokenRequest, loglikelihood_tokens, token_logprobs
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
 def load_model(folder: str | Path, dtype: torch.dtype):
     """A full-precision HF folder, or a quantized one (its quantization_config.json says so)."""
     from ..quant.config import QUANT_CONFIG_FILE

@@ -1,6 +1,7 @@
 """lm-evaluation-harness model `mobilellm`: our checkpoints (full precision or quantized) under lm-eval.
 
     lm_eval --model mobilellm --model_args pretrained=FOLDER --tasks hellaswag
+    lm_eval --model mobilellm --model_args pretrained=INT4_FOLDER,tokenizer=FOLDER --tasks hellaswag
 
 The scoring is our own (shared-prefix batches, the infer engine's KV cache for generation); lm-eval
 does the tokenization split (`TemplateLM._encode_pair`), the prompts and the metrics. How the `lm_eval`
@@ -9,28 +10,24 @@ command finds this class is in `lm_eval_hook.py`.
 
 from __future__ import annotations
 
-import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from .lm import EvalLM
+from .lm import EvalLM, parse_dtype
 from .loglik import TokenRequest
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 @register_model("mobilellm")
 class MobileLLMAdapter(TemplateLM):
     backend = "causal"
 
     def __init__(self, pretrained: str, dtype: str = "float32", batch_tokens: int = 2048, max_gen_toks: int = 256,
-                 **unused):
+                 tokenizer: str | None = None, **lm_eval_options):
+        # lm-eval also passes batch_size, max_batch_size and device: we batch by tokens, on the CPU.
         super().__init__()
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        self.lm = EvalLM.load(pretrained, dtype=DTYPES[dtype], batch_tokens=int(batch_tokens), progress=False)
+        self.lm = EvalLM.load(pretrained, dtype=parse_dtype(dtype), tokenizer=tokenizer, batch_tokens=int(batch_tokens),
+                              progress=False)
         self.max_gen_toks = int(max_gen_toks)
 
     @classmethod
