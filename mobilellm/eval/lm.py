@@ -1,7 +1,7 @@
 """The model under evaluation: a checkpoint and its tokenizer behind the three queries tasks make.
 
-`loglikelihood` (multiple choice), `generate_until` (exact-match tasks, greedy) and `token_count` /
-`rolling_loglikelihood` (perplexity). Text is split into tokens the way lm-eval's causal models do it,
+`loglikelihood` (multiple choice), `generate_until` (exact-match and code tasks, greedy, through the
+infer engine's KV cache) and `rolling_loglikelihood` (perplexity). Text is split into tokens the way lm-eval's causal models do it,
 so scores are comparable with lm-eval's.
 """
 
@@ -17,7 +17,6 @@ from ..hf import load_pretrained
 from ..infer.engine import generate, new_cache
 from ..tokenizer import Tokenizer
 from .loglik import TokenRequest, loglikelihood_tokens, token_logprobs
-
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
