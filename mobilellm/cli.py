@@ -20,13 +20,19 @@ COMMANDS: dict[str, str] = {
     "info": "mobilellm.commands.info:info",
     "fetch": "mobilellm.commands.fetch:fetch",
     "convert": "mobilellm.commands.convert:convert",
-    "generate": "mobilellm.commands.generate:generate",
-    "chat": "mobilellm.commands.generate:chat",
-    "kv-cache": "mobilellm.commands.kv_cache:kv_cache",
     "corpus": "mobilellm.commands.corpus:corpus",
     "tokenize": "mobilellm.commands.tokenize:tokenize",
     "pretrain": "mobilellm.commands.pretrain:pretrain",
     "plot": "mobilellm.commands.plot:plot",
+    "quantize": "mobilellm.commands.quantize:quantize",
+    "qat": "mobilellm.commands.quantize:qat",
+    "generate": "mobilellm.commands.generate:generate",
+    "chat": "mobilellm.commands.generate:chat",
+    "kv-cache": "mobilellm.commands.kv_cache:kv_cache",
+    "eval": "mobilellm.commands.eval:run_eval",
+    "eval-compare": "mobilellm.commands.eval:eval_compare",
+    "needle": "mobilellm.commands.needle:needle",
+    "lm-eval-hook": "mobilellm.commands.lm_eval_hook:lm_eval_hook",
 }
 
 

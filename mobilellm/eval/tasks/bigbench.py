@@ -1,0 +1,94 @@
+"""BIG-bench JSON tasks, taken from the PyPI `bigbench==1.0.0` sdist without installing it.
+
+The sdist (358 MB) is downloaded once, the `task.json` files of the requested tasks (and their
+subtasks) are extracted into the cache, and the archive is deleted: the extracted JSON is all we read.
+Items are formatted as BIG-bench's own `default_format_fn` does at zero shots (task prefix, input
+prefix, the choices appended in BIG-bench's seeded order when the task asks for it, output prefix) and
+each `target_scores` key is scored as a continuation; the highest-scored keys are correct.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ...artifacts import cache_root, pip_download
+from .base import DataError, MultipleChoiceItem
+
+REQUIREMENT = "bigbench==1.0.0"
+TASK_JSON = re.compile(r"^bigbench-1\.0\.0/bigbench/benchmark_tasks/([^/]+)/((?:[^/]+/)?)task\.json$")
+FORMAT_SEED = 42  # BIG-bench's default random_seed for the choice order
+
+
+def bigbench_dir() -> Path:
+    return cache_root() / "data" / "bigbench"
+
+
+def fetch_bigbench(names: list[str]) -> Path:
+    """Extract the named tasks' task.json files (once) and return the folder holding them."""
+    root = bigbench_dir()
+    missing = [n for n in names if not (root / n / "task.json").exists()]
+    if not missing:
+        return root
+    with tempfile.TemporaryDirectory(dir=cache_root()) as tmp:
+        archive = pip_download(REQUIREMENT, Path(tmp), sdist=True)
+        staged = Path(tmp) / "tasks"
+        with tarfile.open(archive) as tar:
+            for member in tar:
+                m = TASK_JSON.match(member.name)
+                if m and m.group(1) in missing and member.isfile():
+                    target = staged / m.group(1) / m.group(2) / "task.json"
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(tar.extractfile(member).read())
+        root.mkdir(parents=True, exist_ok=True)
+        for name in missing:
+            if not (staged / name).exists():
+                raise DataError(f"BIG-bench has no JSON task named {name!r}")
+            shutil.rmtree(root / name, ignore_errors=True)
+            os.replace(staged / name, root / name)
+    return root
+
+
+def format_example(example: dict, task: dict) -> MultipleChoiceItem:
+    """BIG-bench's zero-shot `default_format_fn`, then its task prefix."""
+    scores = example["target_scores"]
+    text = example["input"]
+    if task.get("append_choices_to_input", True):
+        choice_prefix = task.get("choice_prefix", "\n  choice: ")
+        order = np.random.RandomState(seed=FORMAT_SEED).permutation(sorted(scores))
+        text = text + choice_prefix + choice_prefix.join(order)
+    prompt = (str(task.get("task_prefix", "")) + task.get("example_input_prefix", "\nQ: ") + text
+              + task.get("example_output_prefix", "\nA: "))
+    choices = tuple(scores)
+    best = max(scores.values())
+    return MultipleChoiceItem((prompt,), choices, choices, tuple(i for i, c in enumerate(choices) if scores[c] == best))
+
+
+def load_task_file(path: Path) -> list[MultipleChoiceItem]:
+    task = json.loads(path.read_text(encoding="utf-8"))
+    seen, items = set(), []
+    for example in task.get("examples", []):
+        key = json.dumps(example)
+        if key in seen or "target_scores" not in example:  # BIG-bench drops duplicates too
+            continue
+        seen.add(key)
+        items.append(format_example(example, task))
+    return items
+
+
+def load_bigbench(name: str, root: Path | None = None) -> list[MultipleChoiceItem]:
+    """All items of a task; a task split into subtasks (elementary_math_qa) yields its subtasks in order."""
+    folder = (root or fetch_bigbench([name])) / name
+    items = load_task_file(folder / "task.json")
+    for sub in sorted(p for p in folder.iterdir() if (p / "task.json").exists()):
+        items += load_task_file(sub / "task.json")
+    if not items:
+        raise DataError(f"BIG-bench task {name} has no multiple-choice examples")
+    return items
