@@ -13,6 +13,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+EXTRA_EOS_KEY = "mobilellm_eos_tokens"
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>")
 # The ChatML template our trained tokenizers carry (the same turn format SmolLM2 uses).
 CHATML_TEMPLATE = (
@@ -105,7 +106,7 @@ class Tokenizer:
             raise TokenizerError(f"cannot read {TOKENIZER_FILE} of {origin}: {err}") from None
         config = json.loads(files.get(TOKENIZER_CONFIG, "{}"))
         template = files.get(CHAT_TEMPLATE_FILE, config.get("chat_template"))
-        eos = config.get("eos_token")
+        eos = config.get(EXTRA_EOS_KEY) or config.get("eos_token")
         eos_tokens = [_token_text(e) for e in (eos if isinstance(eos, list) else [eos]) if e]
         return cls(backend, _token_text(config.get("bos_token")), eos_tokens, _token_text(config.get("pad_token")), template)
 
@@ -113,8 +114,9 @@ class Tokenizer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(folder / TOKENIZER_FILE))
-        config = {"bos_token": self.bos_token, "eos_token": self.eos_tokens[0] if len(self.eos_tokens) == 1
-                  else list(self.eos_tokens), "pad_token": self.pad_token,
+        # transformers takes one eos_token; every end-of-turn token is kept under our own key.
+        config = {"bos_token": self.bos_token, "eos_token": self.eos_tokens[0] if self.eos_tokens else None,
+                  EXTRA_EOS_KEY: list(self.eos_tokens), "pad_token": self.pad_token,
                   "tokenizer_class": "PreTrainedTokenizerFast"}
         (folder / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         if self.chat_template:
