@@ -1,0 +1,91 @@
+"""Quantization configs: one dataclass describes a scheme; PTQ, QAT prepare/convert and checkpoints all read it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+QUANT_CONFIG_FILE = "quantization_config.json"
+SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ACTIVATIONS = ("int8_dynamic", "none")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How a model is quantized (MobileLLM-Pro technical report, phase 4).
+
+    group_size: input columns sharing one weight scale; None = one scale per output channel.
+    activations: "int8_dynamic" (asymmetric, per token, computed at run time) or "none" (float).
+    kv_int8: keys/values quantized to int8 per token and head (fake during QAT, by the cache at inference).
+    learnable_scales: weight scales are parameters trained by gradient (LSQ) during QAT.
+    share_embeddings: the tied embedding / LM head is quantized once and shared; False unties them.
+    scale_dtype: storage precision of the weight scales (fake quant rounds to it too).
+    """
+
+    scheme: str
+    group_size: int | None = 32
+    activations: str = "int8_dynamic"
+    kv_int8: bool = True
+    learnable_scales: bool = False
+    share_embeddings: bool = True
+    scale_dtype: str = "float16"
+
+    def __post_init__(self):
+        if self.group_size is not None and (self.group_size <= 0 or self.group_size % 32):
+            raise ValueError(f"group_size must be a positive multiple of 32 or None, got {self.group_size}")
+        if self.activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {ACTIVATIONS}, got {self.activations!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+
+    @classmethod
+    def from_scheme(cls, scheme: str) -> "QuantConfig":
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown quantization scheme {scheme!r}; expected one of {sorted(SCHEMES)}")
+        return SCHEMES[scheme]
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+    def group_for(self, in_features: int) -> int:
+        return self.group_size or in_features
+
+    def to_dict(self) -> dict:
+        return {"quant_method": "mobilellm_int4", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields - {"quant_method"})
+        if unknown or "scheme" not in d:
+            raise ValueError(f"malformed quantization config: unknown fields {unknown}" if unknown
+                             else "malformed quantization config: no 'scheme'")
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+    def save(self, folder: str | Path) -> None:
+        (Path(folder) / QUANT_CONFIG_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "QuantConfig":
+        path = Path(folder) / QUANT_CONFIG_FILE
+        if not path.exists():
+            raise ValueError(f"{folder} holds no {QUANT_CONFIG_FILE}: not a quantized checkpoint")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ValueError(f"malformed {path}: {err}") from None
+
+
+SCHEMES = {
+    # int4 group-32 weights and embeddings (tied, shared), int8 dynamic activations, int8 KV: 590 MB for pro-1b.
+    "cpu": QuantConfig("cpu", group_size=32, activations="int8_dynamic", kv_int8=True,
+                       learnable_scales=False, share_embeddings=True, scale_dtype="float16"),
+    # int4 per-channel weights with learnable ranges, bf16 activations and KV, untied embeddings: 720 MB.
+    "accelerator": QuantConfig("accelerator", group_size=None, activations="none", kv_int8=False,
+                               learnable_scales=True, share_embeddings=False, scale_dtype="float32"),
+}

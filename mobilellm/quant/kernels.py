@@ -1,0 +1,81 @@
+"""Packed-int4 matmul backends for the CPU: our AVX2 C++ extension and a pure-PyTorch reference.
+
+`int4_linear(x, packed, scales, group_size, int8_activations)` computes x @ W^T with W = unpack(packed) *
+scales, and (int8_activations) x replaced by its per-token int8 asymmetric quantization first: the same
+numbers as the fake-quantized model. The backend is chosen by measurement (benchmarks/int4_decode.py,
+benchmarks/results/int4_decode.json): on the AVX2 machine it was measured on, PyTorch's own
+`_weight_int4pack_mm_for_cpu` and `_dyn_quant_matmul_4bit` were ~20x slower than fp32 for a decode GEMV and
+the C++ extension the fastest, so "cpp" is the default where it builds; "reference" is the fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .math import dequantize_int4, fake_quantize_int8_per_token, unpack_int4
+
+log = logging.getLogger(__name__)
+BACKENDS = ("cpp", "reference")
+_SOURCE = Path(__file__).parent / "csrc" / "int4_linear.cpp"
+
+
+def cpu_supports_avx2() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+@functools.cache
+def load_extension():
+    """Compile (first use, cached by torch under ~/.cache/torch_extensions) and import the C++ kernels;
+    None when this CPU lacks AVX2 or the build fails (the reference path is used then)."""
+    if not cpu_supports_avx2():
+        return None
+    from torch.utils.cpp_extension import load
+    try:
+        return load(name="mobilellm_int4_linear", sources=[str(_SOURCE)],
+                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as err:  # a missing compiler must not break inference: fall back, say why
+        log.warning("int4 C++ kernels unavailable (%s); using the PyTorch reference path", err)
+        return None
+
+
+def default_backend() -> str:
+    if os.environ.get("MOBILELLM_INT4_BACKEND"):
+        backend = os.environ["MOBILELLM_INT4_BACKEND"]
+        if backend not in BACKENDS:
+            raise ValueError(f"MOBILELLM_INT4_BACKEND must be one of {BACKENDS}, got {backend!r}")
+        return backend
+    return "cpp" if load_extension() is not None else "reference"
+
+
+def int4_linear_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int,
+                          int8_activations: bool) -> torch.Tensor:
+    """The dequantized math: (M, K) x (N, K/2) packed -> (M, N). Materialises W in float (slow, exact)."""
+    w = dequantize_int4(unpack_int4(packed), scales)  # (N, K) fp32
+    if int8_activations:
+        x = fake_quantize_int8_per_token(x.float())
+    return F.linear(x.float(), w)
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int,
+                int8_activations: bool, backend: str | None = None) -> torch.Tensor:
+    """x (..., K) -> (..., N) in x's dtype."""
+    backend = backend or default_backend()
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    if backend == "cpp":
+        ext = load_extension()
+        if ext is None:
+            raise RuntimeError("the int4 C++ kernels are not available on this machine (no AVX2 or no compiler)")
+        op = ext.int4_linear_a8 if int8_activations else ext.int4_linear_f32
+        y = op(x2.float().contiguous(), packed, scales, group_size)
+    elif backend == "reference":
+        y = int4_linear_reference(x2, packed, scales, group_size, int8_activations)
+    else:
+        raise ValueError(f"unknown int4 backend {backend!r}; expected one of {BACKENDS}")
+    return y.to(x.dtype).reshape(*x.shape[:-1], packed.shape[0])

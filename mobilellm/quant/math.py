@@ -1,0 +1,130 @@
+"""Pure quantization math: tensors in, integers and scales out (no modules, no model).
+
+Conventions (torchao's): int4 symmetric weights take values in [-8, 7] with scale = max|w| / 7.5 per group
+of `group_size` input columns (group_size = K gives one scale per output channel); int8 asymmetric
+activations take [-128, 127] with a zero point per token and a range that always contains 0. Every scale
+is rounded to the scheme's `scale_dtype` before use, so a model stored with fp16 scales computes exactly
+what the fake-quantized model computed.
+
+The `fake_*` functions return dequantized values with a straight-through estimator: the forward pass sees
+the quantized value, the backward pass the identity (inside the clamp range), and a learnable scale gets
+LSQ's gradient (round(w/s) - w/s inside the range, the clamp bound outside).
+"""
+
+from __future__ import annotations
+
+import torch
+
+INT4_MIN, INT4_MAX = -8, 7
+INT8_MIN, INT8_MAX = -128, 127
+SCALE_EPS = 1e-9  # an all-zero group still gets a finite scale
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N, K) -> (N, K/group_size, group_size)."""
+    N, K = w.shape
+    if K % group_size:
+        raise ValueError(f"in_features {K} is not a multiple of the group size {group_size}")
+    return w.reshape(N, K // group_size, group_size)
+
+
+# ---- int4 symmetric weights --------------------------------------------------------------------
+
+def int4_scales(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Min/max (round-to-nearest) scales (N, K/group_size) for w (N, K), rounded to scale_dtype."""
+    amax = _groups(w.detach().float(), group_size).abs().amax(-1)
+    return (amax / ((INT4_MAX - INT4_MIN) / 2)).clamp_min(SCALE_EPS).to(scale_dtype)
+
+
+def quantize_int4(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int8 tensor (N, K) of values in [-8, 7]: round(w / scale) per group; scales (N, K/group)."""
+    group_size = w.shape[1] // scales.shape[1]
+    q = torch.round(_groups(w.float(), group_size) / scales.float()[..., None])
+    return q.clamp(INT4_MIN, INT4_MAX).to(torch.int8).reshape(w.shape)
+
+
+def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N, K) float weights from int4 values (N, K) and scales (N, K/group)."""
+    group_size = q.shape[1] // scales.shape[1]
+    w = _groups(q.float(), group_size) * scales.float()[..., None]
+    return w.reshape(q.shape).to(dtype)
+
+
+def fake_quantize_int4(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """dequantize(quantize(w)) with STE; gradients flow to w and (LSQ) to a learnable `scales`."""
+    group_size = w.shape[1] // scales.shape[1]
+    s = scales.float()[..., None]
+    q = _round_ste(_groups(w.float(), group_size) / s).clamp(INT4_MIN, INT4_MAX)
+    return (q * s).reshape(w.shape).to(w.dtype)
+
+
+# ---- int4 packing: two values per byte ---------------------------------------------------------
+
+PACK_BLOCK = 32  # byte i of each 32-wide block holds elements i (low nibble) and i + 16 (high nibble)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int4 values (N, K) in [-8, 7] -> uint8 (N, K/2). Within each block of 32 columns, byte i holds
+    column i in its low nibble and column i+16 in its high one (so one 16-byte load unpacks to 32 values
+    in order with two AVX2 shifts/masks)."""
+    N, K = q.shape
+    if K % PACK_BLOCK:
+        raise ValueError(f"in_features {K} must be a multiple of {PACK_BLOCK} to pack int4")
+    u = (q.to(torch.int16) - INT4_MIN).to(torch.uint8).reshape(N, K // PACK_BLOCK, 2, PACK_BLOCK // 2)
+    return (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(N, K // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, K/2) -> int8 (N, K) in [-8, 7], the inverse of pack_int4."""
+    N, half = packed.shape
+    blocks = packed.reshape(N, half // (PACK_BLOCK // 2), PACK_BLOCK // 2)
+    u = torch.stack((blocks & 0x0F, blocks >> 4), dim=2)  # (N, K/32, 2, 16)
+    return (u.to(torch.int8) + INT4_MIN).reshape(N, half * 2)
+
+
+# ---- int8 asymmetric per-token activations -----------------------------------------------------
+
+def int8_token_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (last dim) scale and zero point (x.shape[:-1] + (1,)) of an int8 asymmetric quantizer
+    whose range [min(x, 0), max(x, 0)] always contains 0."""
+    xf = x.detach().float()
+    lo = xf.amin(-1, keepdim=True).clamp(max=0)
+    hi = xf.amax(-1, keepdim=True).clamp(min=0)
+    scale = ((hi - lo) / (INT8_MAX - INT8_MIN)).clamp_min(SCALE_EPS)
+    zero_point = (INT8_MIN - torch.round(lo / scale)).clamp(INT8_MIN, INT8_MAX)
+    return scale, zero_point
+
+
+def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(int8 values, scale, zero_point) of x quantized per token; x ~ (q - zero_point) * scale."""
+    scale, zero_point = int8_token_qparams(x)
+    q = (torch.round(x.float() / scale) + zero_point).clamp(INT8_MIN, INT8_MAX)
+    return q.to(torch.int8), scale, zero_point
+
+
+def dequantize_int8_per_token(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return ((q.float() - zero_point) * scale).to(dtype)
+
+
+def fake_quantize_int8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """Per-token int8 asymmetric fake quantization with STE (scale and zero point are not trained)."""
+    scale, zero_point = int8_token_qparams(x)
+    q = (_round_ste(x.float() / scale) + zero_point).clamp(INT8_MIN, INT8_MAX)
+    return ((q - zero_point) * scale).to(x.dtype)
+
+
+# ---- int8 KV cache (per token, per head) -------------------------------------------------------
+
+def fake_quantize_kv_int8(kv: torch.Tensor) -> torch.Tensor:
+    """Keys or values (B, n_kv, T, hd) through the KV cache's int8 format (mobilellm.infer.kv_quant:
+    symmetric absmax, one scale per batch row, head and token), with STE: what the cpu scheme's int8 cache
+    will hand back at inference, seen already in training."""
+    from ..infer.kv_quant import quantize_int8  # the cache's own math, so training and inference agree
+
+    q, scale = quantize_int8(kv)
+    return (kv + (q.float() * scale - kv.float()).detach()).to(kv.dtype)

@@ -1,0 +1,81 @@
+"""Real quantized modules: packed int4 weights (two per byte) + scales as buffers, no float weights.
+
+QuantizedLinear and QuantizedEmbedding replace nn.Linear / nn.Embedding in place (same call signatures);
+a tied LM head shares the embedding's packed buffers. KVQuantAttention is the model's Attention with its
+keys and values passed through int8 per-token, per-head (fake) quantization, as the cpu scheme's int8 KV
+cache (mobilellm.infer.cache, int8=True) stores them; re-quantizing in that cache is then a no-op.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model import Attention
+from .kernels import int4_linear
+from .math import dequantize_int4, fake_quantize_kv_int8, unpack_int4
+
+
+class QuantizedLinear(nn.Module):
+    """`shared=True` (a tied LM head): the buffers belong to the embedding and are left out of the state dict."""
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, group_size: int, int8_activations: bool,
+                 shared: bool = False):
+        super().__init__()
+        self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
+        self.group_size, self.int8_activations = group_size, int8_activations
+        self.register_buffer("packed_weight", packed, persistent=not shared)  # (N, K/2) uint8
+        self.register_buffer("weight_scale", scales, persistent=not shared)  # (N, K/group)
+
+    def forward(self, x):  # (..., K) -> (..., N)
+        return int4_linear(x, self.packed_weight, self.weight_scale, self.group_size, self.int8_activations)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_int4(unpack_int4(self.packed_weight), self.weight_scale)
+
+    def extra_repr(self) -> str:
+        act = "int8 dynamic" if self.int8_activations else "float"
+        return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}, activations={act}"
+
+
+class QuantizedEmbedding(nn.Module):
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = packed.shape[0], packed.shape[1] * 2
+        self.dtype = dtype
+        self.register_buffer("packed_weight", packed)  # (V, dim/2) uint8
+        self.register_buffer("weight_scale", scales)  # (V, dim/group)
+
+    def forward(self, tokens):  # (B, T) -> (B, T, dim): unpack only the looked-up rows
+        flat = tokens.reshape(-1)
+        rows = dequantize_int4(unpack_int4(self.packed_weight[flat]), self.weight_scale[flat], self.dtype)
+        return rows.reshape(*tokens.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int4 group={self.embedding_dim // self.weight_scale.shape[1]}"
+
+
+class _Int8KV:
+    """Wraps a KV cache (or none): keys/values are int8-quantized per token and head before use/storage."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def update(self, layer, k, v, positions):  # k, v: (B, n_kv, T, hd)
+        k, v = fake_quantize_kv_int8(k), fake_quantize_kv_int8(v)
+        if self.cache is None:
+            return k, v, positions
+        return self.cache.update(layer, k, v, positions)
+
+
+class KVQuantAttention(Attention):
+    """Attention whose keys and values go through int8 per-token, per-head quantization (STE in training)."""
+
+    @classmethod
+    def from_attention(cls, attn: Attention) -> "KVQuantAttention":
+        new = cls.__new__(cls)
+        new.__dict__ = attn.__dict__.copy()
+        return new
+
+    def forward(self, x, rope, positions, masks, cache=None):
+        return super().forward(x, rope, positions, masks, _Int8KV(cache))
