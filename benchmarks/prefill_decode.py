@@ -122,6 +122,22 @@ def run_hf(model, tokens, decode_tokens: int) -> dict:
             "decode_cpu_s_per_tok": d_cpu / decode_tokens}
 
 
+def compute_ratios(results: dict, peers) -> dict:
+    """Ours (local/global) against each peer, per length: > 1 means ours is faster. Wall-clock and CPU-time
+    ratios both, since other users' load changes the wall clock between peers."""
+    ratios = {}
+    for n, ours in results["ours-local-global"].items():
+        row = {}
+        for peer in peers[1:]:
+            other = results[peer][n]
+            row[f"prefill_speedup_vs_{peer}"] = other["prefill_s"] / ours["prefill_s"]
+            row[f"prefill_cpu_speedup_vs_{peer}"] = other["prefill_cpu_s"] / ours["prefill_cpu_s"]
+            row[f"decode_speedup_vs_{peer}"] = ours["decode_tok_s"] / other["decode_tok_s"]
+            row[f"decode_cpu_speedup_vs_{peer}"] = other["decode_cpu_s_per_tok"] / ours["decode_cpu_s_per_tok"]
+        ratios[n] = row
+    return ratios
+
+
 def rss_worker(args) -> None:
     """Peak RSS of one generation at the longest length (fresh process, our engine only)."""
     model = random_model(bench_config(args.layers))
@@ -142,10 +158,15 @@ def main() -> None:
     parser.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--rss-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--recompute-ratios", action="store_true", help="recompute the ratios of --out's results")
     parser.add_argument("--int8-kv", action="store_true", help="also measure peak RSS with int8 KV")
     args = parser.parse_args()
     if args.rss_worker:
         return rss_worker(args)
+    if args.recompute_ratios:  # same measurements, ratios recomputed (e.g. after adding a ratio)
+        data = json.loads(args.out.read_text())
+        data["ratios"] = compute_ratios(data["results"], list(data["results"]))
+        return write_json(args.out, data)
 
     local_global = random_model(bench_config(args.layers))
     weights = local_global.state_dict()
@@ -168,15 +189,7 @@ def main() -> None:
                   f"decode {r['decode_tok_s']:.2f} tok/s", file=sys.stderr, flush=True)
     del models, local_global, weights
 
-    ratios = {}
-    for n in args.lengths:
-        ours, row = results["ours-local-global"][n], {}
-        for peer in args.peers[1:]:
-            other = results[peer][n]
-            row[f"prefill_speedup_vs_{peer}"] = other["prefill_s"] / ours["prefill_s"]
-            row[f"prefill_cpu_speedup_vs_{peer}"] = other["prefill_cpu_s"] / ours["prefill_cpu_s"]
-            row[f"decode_speedup_vs_{peer}"] = ours["decode_tok_s"] / other["decode_tok_s"]
-        ratios[n] = row
+    ratios = compute_ratios(results, args.peers)
 
     memory = []
     for int8 in (False,) + ((True,) if args.int8_kv else ()):
