@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--rss-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--recompute-ratios", action="store_true", help="recompute the ratios of --out's results")
     parser.add_argument("--int8-kv", action="store_true", help="also measure peak RSS with int8 KV")
+    parser.add_argument("--rss", action=argparse.BooleanOptionalAction, default=True, help="measure peak RSS")
     args = parser.parse_args()
     if args.rss_worker:
         return rss_worker(args)
@@ -192,7 +193,7 @@ def main() -> None:
     ratios = compute_ratios(results, args.peers)
 
     memory = []
-    for int8 in (False,) + ((True,) if args.int8_kv else ()):
+    for int8 in ((False,) + ((True,) if args.int8_kv else ())) if args.rss else ():
         cmd = [sys.executable, __file__, "--rss-worker", "--layers", str(args.layers), "--chunk", str(args.chunk),
                "--decode-tokens", str(args.decode_tokens), "--lengths", str(max(args.lengths))]
         run = subprocess.run(cmd + (["--int8-kv"] if int8 else []), stdout=subprocess.PIPE, text=True, check=True)

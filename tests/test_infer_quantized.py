@@ -24,3 +24,17 @@ def test_int4_model_cached_decode_equals_its_full_forward():
         want = model(tokens[:, :12])[0, -1].argmax().item()
     got = list(generate(model, prompt, new_cache(model, 64, int8=True), max_new_tokens=4))
     assert got[0] == want and len(got) == 4
+
+
+def test_generate_command_runs_a_quantized_checkpoint(tmp_path, capsys):
+    from mobilellm.cli import main
+    from mobilellm.quant.checkpoint import save_quantized
+    from mobilellm.tokenizer import Tokenizer
+
+    scheme = QuantConfig.from_scheme("cpu")
+    model = quantize_(build_model(ModelConfig.from_name("tiny").replace(vocab_size=320), seed=0), scheme)
+    folder = tmp_path / "int4"
+    save_quantized(model, scheme, folder)
+    Tokenizer.train_bpe(["hello world, the cat sat on the mat"] * 10, vocab_size=300, show_progress=False).save(folder)
+    assert main(["generate", str(folder), "--prompt", "hello", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().err == ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from ..hf import load_pretrained
 from ..infer.chat import ChatSession, generate_text, run_chat
@@ -11,10 +12,18 @@ from ..tokenizer import Tokenizer
 
 
 def load(checkpoint: str):
-    model = load_pretrained(checkpoint).eval()
+    """(model, tokenizer, int8 KV by default?) of a float or a quantized (int4) checkpoint folder."""
+    from ..quant.checkpoint import load_quantized
+    from ..quant.config import QUANT_CONFIG_FILE
+
+    if (Path(checkpoint) / QUANT_CONFIG_FILE).exists():
+        model, quant = load_quantized(checkpoint)
+        kv_int8 = quant.kv_int8  # the scheme was trained with int8 keys/values: the cache should store them so
+    else:
+        model, kv_int8 = load_pretrained(checkpoint), False
     tokenizer = Tokenizer.load(checkpoint)
     tokenizer.check_fits(model.config.vocab_size)
-    return model, tokenizer
+    return model.eval(), tokenizer, kv_int8
 
 
 def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens: int = 256,
@@ -24,7 +33,7 @@ def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens
     """Continue a prompt with a checkpoint, streaming the text as it is generated.
 
     Args:
-        checkpoint: a checkpoint folder (HF layout with tokenizer.json)
+        checkpoint: a checkpoint folder (HF layout with tokenizer.json; an int4 one from the quant tools too)
         prompt: the text to continue (an error if it does not fit the model's context)
         chat: wrap the prompt as one user turn in the tokenizer's chat template
         max_new_tokens: most tokens to generate (also stops at EOS and when the context is full)
@@ -33,13 +42,13 @@ def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens
         top_p: sample among the most likely tokens holding probability p
         repetition_penalty: > 1 discourages repeating tokens of the context
         seed: random seed for sampling
-        int8_kv: keep the KV cache in int8 (per-token, per-head scales)
+        int8_kv: keep the KV cache in int8 (per-token, per-head scales; always on for int8-KV quant schemes)
         stop: strings that end the generation
     """
     sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
-    model, tokenizer = load(checkpoint)
+    model, tokenizer, scheme_int8_kv = load(checkpoint)
     for piece in generate_text(model, tokenizer, prompt, chat=chat, max_new_tokens=max_new_tokens,
-                               sampling=sampling, int8_kv=int8_kv, stop_strings=stop or ()):
+                               sampling=sampling, int8_kv=int8_kv or scheme_int8_kv, stop_strings=stop or ()):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -65,7 +74,7 @@ def chat(checkpoint: str, *, system: str | None = None, max_new_tokens: int = 51
         int8_kv: keep the KV cache in int8 (per-token, per-head scales)
     """
     sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
-    model, tokenizer = load(checkpoint)
+    model, tokenizer, scheme_int8_kv = load(checkpoint)
     session = ChatSession(model, tokenizer, max_context=max_context, sampling=sampling,
-                          max_new_tokens=max_new_tokens, int8_kv=int8_kv, system=system)
+                          max_new_tokens=max_new_tokens, int8_kv=int8_kv or scheme_int8_kv, system=system)
     run_chat(session, sys.stdin, sys.stdout)
