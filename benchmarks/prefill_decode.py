@@ -11,7 +11,7 @@ length by length, so that the load other users put on the machine hits them alik
   ours-all-global    the same weights with every layer global (the model card's baseline)
   hf-llama           transformers' LlamaForCausalLM of the same shape (all global, rotate-half RoPE: same
                      FLOPs), one-shot prefill into its DynamicCache with logits_to_keep=1, as `generate` does
-Wall time and process CPU time are both recorded. Peak RSS of a generation at the longest length is measured
+Wall time and process CPU time are both recorded. Resident memory during a generation at the longest length is sampled
 in a fresh subprocess running only our engine (local/global; fp32 KV, and int8 KV with --int8-kv).
 
     python benchmarks/prefill_decode.py [--layers 10] [--lengths 2000 4000 8000] [--decode-tokens 8]
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.machine import machine_info, peak_rss_mib, write_json  # noqa: E402
+from benchmarks.machine import RssSampler, machine_info, write_json  # noqa: E402
 from mobilellm.config import ModelConfig, all_global  # noqa: E402
 from mobilellm.hf import to_hf_name  # noqa: E402
 from mobilellm.infer.engine import decode_one_token, new_cache, prefill  # noqa: E402
@@ -139,14 +139,26 @@ def compute_ratios(results: dict, peers) -> dict:
 
 
 def rss_worker(args) -> None:
-    """Peak RSS of one generation at the longest length (fresh process, our engine only)."""
+    """Resident memory during one generation at the longest length (fresh process, our engine only)."""
     model = random_model(bench_config(args.layers))
-    loaded = peak_rss_mib()
     n = max(args.lengths)
     tokens = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
-    result = run_ours(model, tokens, args.decode_tokens, args.chunk, args.int8_kv)
-    print(json.dumps({"tokens": n, "int8_kv": args.int8_kv, "rss_after_load_mib": loaded,
-                      "peak_rss_mib": peak_rss_mib(), "kv_cache_mib": result["kv_cache_mib"]}))
+    with RssSampler() as rss:
+        result = run_ours(model, tokens, args.decode_tokens, args.chunk, args.int8_kv)
+    print(json.dumps({"tokens": n, "int8_kv": args.int8_kv, "rss_before_generation_mib": rss.start_mib,
+                      "peak_rss_during_generation_mib": rss.peak_mib, "kv_cache_mib": result["kv_cache_mib"]}))
+
+
+def measure_memory(args) -> list[dict]:
+    memory = []
+    for int8 in (False,) + ((True,) if args.int8_kv else ()):
+        cmd = [sys.executable, __file__, "--rss-worker", "--layers", str(args.layers), "--chunk", str(args.chunk),
+               "--decode-tokens", str(args.decode_tokens), "--lengths", str(max(args.lengths))]
+        run = subprocess.run(cmd + (["--int8-kv"] if int8 else []), stdout=subprocess.PIPE, text=True, check=True)
+        memory.append(json.loads(run.stdout.strip().splitlines()[-1]))
+        print(f"RSS at {max(args.lengths)} tokens (int8 KV {int8}): peak {memory[-1]['peak_rss_during_generation_mib']:.0f}"
+              f" MiB during generation, {memory[-1]['rss_before_generation_mib']:.0f} MiB before", file=sys.stderr)
+    return memory
 
 
 def main() -> None:
@@ -158,12 +170,17 @@ def main() -> None:
     parser.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--rss-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rss-only", action="store_true", help="re-measure peak RSS into --out's results")
     parser.add_argument("--recompute-ratios", action="store_true", help="recompute the ratios of --out's results")
     parser.add_argument("--int8-kv", action="store_true", help="also measure peak RSS with int8 KV")
     parser.add_argument("--rss", action=argparse.BooleanOptionalAction, default=True, help="measure peak RSS")
     args = parser.parse_args()
     if args.rss_worker:
         return rss_worker(args)
+    if args.rss_only:  # re-measure the memory of an existing result
+        data = json.loads(args.out.read_text())
+        data["peak_memory"] = measure_memory(args)
+        return write_json(args.out, data)
     if args.recompute_ratios:  # same measurements, ratios recomputed (e.g. after adding a ratio)
         data = json.loads(args.out.read_text())
         data["ratios"] = compute_ratios(data["results"], list(data["results"]))
@@ -192,14 +209,7 @@ def main() -> None:
 
     ratios = compute_ratios(results, args.peers)
 
-    memory = []
-    for int8 in ((False,) + ((True,) if args.int8_kv else ())) if args.rss else ():
-        cmd = [sys.executable, __file__, "--rss-worker", "--layers", str(args.layers), "--chunk", str(args.chunk),
-               "--decode-tokens", str(args.decode_tokens), "--lengths", str(max(args.lengths))]
-        run = subprocess.run(cmd + (["--int8-kv"] if int8 else []), stdout=subprocess.PIPE, text=True, check=True)
-        memory.append(json.loads(run.stdout.strip().splitlines()[-1]))
-        print(f"peak RSS at {max(args.lengths)} tokens (int8 KV {int8}): {memory[-1]['peak_rss_mib']:.0f} MiB "
-              f"({memory[-1]['rss_after_load_mib']:.0f} MiB after load)", file=sys.stderr)
+    memory = measure_memory(args) if args.rss else []
 
     write_json(args.out, {
         "benchmark": "prefill_decode",

@@ -5,10 +5,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
+
 from ..hf import load_pretrained
 from ..infer.chat import ChatSession, generate_text, run_chat
 from ..infer.sampling import SamplingConfig
 from ..tokenizer import Tokenizer
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
 
 
 def load(checkpoint: str):
@@ -29,7 +38,7 @@ def load(checkpoint: str):
 def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens: int = 256,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float = 1.0, seed: int | None = None, int8_kv: bool = False,
-             stop: list[str] | None = None) -> None:
+             stop: list[str] | None = None, threads: int | None = None) -> None:
     """Continue a prompt with a checkpoint, streaming the text as it is generated.
 
     Args:
@@ -44,7 +53,9 @@ def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens
         seed: random seed for sampling
         int8_kv: keep the KV cache in int8 (per-token, per-head scales; always on for int8-KV quant schemes)
         stop: strings that end the generation
+        threads: CPU threads for torch (1 decodes fastest on a busy machine: benchmarks/results/smollm2_decode*.json)
     """
+    set_threads(threads)
     sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
     model, tokenizer, scheme_int8_kv = load(checkpoint)
     for piece in generate_text(model, tokenizer, prompt, chat=chat, max_new_tokens=max_new_tokens,
@@ -56,7 +67,8 @@ def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens
 
 def chat(checkpoint: str, *, system: str | None = None, max_new_tokens: int = 512, max_context: int = 4096,
          temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-         repetition_penalty: float = 1.0, seed: int | None = None, int8_kv: bool = False) -> None:
+         repetition_penalty: float = 1.0, seed: int | None = None, int8_kv: bool = False,
+         threads: int | None = None) -> None:
     """Chat with a checkpoint in the terminal; the conversation stays in the KV cache between turns.
 
     Type a message and press enter; /reset starts a new conversation, /quit (or end of input) leaves.
@@ -72,7 +84,9 @@ def chat(checkpoint: str, *, system: str | None = None, max_new_tokens: int = 51
         repetition_penalty: > 1 discourages repeating tokens of the context
         seed: random seed for sampling
         int8_kv: keep the KV cache in int8 (per-token, per-head scales)
+        threads: CPU threads for torch (1 decodes fastest on a busy machine)
     """
+    set_threads(threads)
     sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
     model, tokenizer, scheme_int8_kv = load(checkpoint)
     session = ChatSession(model, tokenizer, max_context=max_context, sampling=sampling,
