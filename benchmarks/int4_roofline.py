@@ -6,7 +6,7 @@ skeleton (packed int4 group-32 weights and embeddings with fp16 scales, int8 dyn
 with random packed values: a real 30-layer pro-1b int4 runtime (~0.6 GB) without ever building the 4.3 GB
 fp32 model. Bandwidth is measured in the same run (a sum over a 1 GiB fp32 tensor, best of several).
 
-    python benchmarks/int4_roofline.py [--prompt 128] [--decode-tokens 16]
+    python benchmarks/int4_roofline.py [--prompt 128] [--decode-tokens 16] [--threads 1]
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ def random_int4_model(config: ModelConfig, scheme: QuantConfig):
                 buf.fill_(0.05 / 7.5)
         for p in model.parameters():  # the norms
             p.fill_(1.0)
+    if config.tie_embeddings:  # to_empty gave the tied head its own copy: share the table again
+        model.lm_head.packed_weight = model.embed_tokens.packed_weight
+        model.lm_head.weight_scale = model.embed_tokens.weight_scale
     return model.eval()
 
 
