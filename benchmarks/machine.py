@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import resource
+import threading
 from pathlib import Path
 
 import torch
@@ -30,6 +31,36 @@ def machine_info() -> dict:
 def peak_rss_mib() -> float:
     """This process's peak resident memory so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mib() -> float:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class RssSampler:
+    """Peak resident memory while the block runs, sampled every `interval` seconds (the process-wide
+    ru_maxrss would also count transients from before the block, such as weight initialisation)."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.peak_mib = interval, 0.0
+        self._stop = threading.Event()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak_mib = max(self.peak_mib, current_rss_mib())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "RssSampler":
+        self.start_mib = current_rss_mib()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_mib = max(self.peak_mib, current_rss_mib())
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+
+import torch
 
 from ..artifacts import resolve_checkpoint
 from ..hf import load_pretrained
@@ -11,22 +14,37 @@ from ..infer.sampling import SamplingConfig
 from ..tokenizer import Tokenizer
 
 
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
 def load(checkpoint: str):
+    """(model, tokenizer, int8 KV by default?) of a float or a quantized (int4) checkpoint folder."""
+    from ..quant.checkpoint import load_quantized
+    from ..quant.config import QUANT_CONFIG_FILE
+
     checkpoint = resolve_checkpoint(checkpoint)
-    model = load_pretrained(checkpoint).eval()
+    if (checkpoint / QUANT_CONFIG_FILE).exists():
+        model, quant = load_quantized(checkpoint)
+        kv_int8 = quant.kv_int8  # the scheme was trained with int8 keys/values: the cache should store them so
+    else:
+        model, kv_int8 = load_pretrained(checkpoint), False
     tokenizer = Tokenizer.load(checkpoint)
     tokenizer.check_fits(model.config.vocab_size)
-    return model, tokenizer
+    return model.eval(), tokenizer, kv_int8
 
 
 def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens: int = 256,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float = 1.0, seed: int | None = None, int8_kv: bool = False,
-             stop: list[str] | None = None) -> None:
+             stop: list[str] | None = None, threads: int | None = None) -> None:
     """Continue a prompt with a checkpoint, streaming the text as it is generated.
 
     Args:
-        checkpoint: a checkpoint folder (HF layout with tokenizer.json), or smollm2-135m to fetch the real one
+        checkpoint: a checkpoint folder (HF layout with tokenizer.json; int4 ones too), or smollm2-135m
         prompt: the text to continue (an error if it does not fit the model's context)
         chat: wrap the prompt as one user turn in the tokenizer's chat template
         max_new_tokens: most tokens to generate (also stops at EOS and when the context is full)
@@ -35,13 +53,15 @@ def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens
         top_p: sample among the most likely tokens holding probability p
         repetition_penalty: > 1 discourages repeating tokens of the context
         seed: random seed for sampling
-        int8_kv: keep the KV cache in int8 (per-token, per-head scales)
+        int8_kv: keep the KV cache in int8 (per-token, per-head scales; always on for int8-KV quant schemes)
         stop: strings that end the generation
+        threads: CPU threads for torch (1 decodes fastest on a busy machine: benchmarks/results/smollm2_decode*.json)
     """
+    set_threads(threads)
     sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
-    model, tokenizer = load(checkpoint)
+    model, tokenizer, scheme_int8_kv = load(checkpoint)
     for piece in generate_text(model, tokenizer, prompt, chat=chat, max_new_tokens=max_new_tokens,
-                               sampling=sampling, int8_kv=int8_kv, stop_strings=stop or ()):
+                               sampling=sampling, int8_kv=int8_kv or scheme_int8_kv, stop_strings=stop or ()):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -49,7 +69,8 @@ def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens
 
 def chat(checkpoint: str, *, system: str | None = None, max_new_tokens: int = 512, max_context: int = 4096,
          temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-         repetition_penalty: float = 1.0, seed: int | None = None, int8_kv: bool = False) -> None:
+         repetition_penalty: float = 1.0, seed: int | None = None, int8_kv: bool = False,
+         threads: int | None = None) -> None:
     """Chat with a checkpoint in the terminal; the conversation stays in the KV cache between turns.
 
     Type a message and press enter; /reset starts a new conversation, /quit (or end of input) leaves.
@@ -65,9 +86,11 @@ def chat(checkpoint: str, *, system: str | None = None, max_new_tokens: int = 51
         repetition_penalty: > 1 discourages repeating tokens of the context
         seed: random seed for sampling
         int8_kv: keep the KV cache in int8 (per-token, per-head scales)
+        threads: CPU threads for torch (1 decodes fastest on a busy machine)
     """
+    set_threads(threads)
     sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
-    model, tokenizer = load(checkpoint)
+    model, tokenizer, scheme_int8_kv = load(checkpoint)
     session = ChatSession(model, tokenizer, max_context=max_context, sampling=sampling,
-                          max_new_tokens=max_new_tokens, int8_kv=int8_kv, system=system)
+                          max_new_tokens=max_new_tokens, int8_kv=int8_kv or scheme_int8_kv, system=system)
     run_chat(session, sys.stdin, sys.stdout)

@@ -17,7 +17,7 @@ import torch
 from .cache import KVCache
 from .sampling import SamplingConfig, sample
 
-PREFILL_CHUNK = 512
+PREFILL_CHUNK = 2048  # larger GEMMs pay more than the wider sliding-layer key span costs (benchmarks/results/prefill_chunk*.json)
 
 
 class ContextError(ValueError):
