@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
 from ..artifacts import resolve_checkpoint
-from ..hf import load_pretrained
+from ..loading import load_model
 from ..infer.chat import ChatSession, generate_text, run_chat
 from ..infer.sampling import SamplingConfig
 from ..tokenizer import Tokenizer
@@ -22,19 +21,12 @@ def set_threads(threads: int | None) -> None:
 
 
 def load(checkpoint: str):
-    """(model, tokenizer, int8 KV by default?) of a float or a quantized (int4) checkpoint folder."""
-    from ..quant.checkpoint import load_quantized
-    from ..quant.config import QUANT_CONFIG_FILE
-
-    checkpoint = resolve_checkpoint(checkpoint)
-    if (checkpoint / QUANT_CONFIG_FILE).exists():
-        model, quant = load_quantized(checkpoint)
-        kv_int8 = quant.kv_int8  # the scheme was trained with int8 keys/values: the cache should store them so
-    else:
-        model, kv_int8 = load_pretrained(checkpoint), False
-    tokenizer = Tokenizer.load(checkpoint)
+    """(model, tokenizer, int8 KV by default?) of a float or a quantized (int4) checkpoint."""
+    model, quant = load_model(checkpoint)
+    tokenizer = Tokenizer.load(resolve_checkpoint(checkpoint))
     tokenizer.check_fits(model.config.vocab_size)
-    return model.eval(), tokenizer, kv_int8
+    # A scheme trained with int8 keys/values wants the cache to store them so.
+    return model.eval(), tokenizer, bool(quant and quant.kv_int8)
 
 
 def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens: int = 256,

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..hf import load_pretrained
+from ..artifacts import resolve_checkpoint
 from ..infer.engine import generate, new_cache
+from ..loading import load_any_model
 from ..tokenizer import Tokenizer
 from .loglik import TokenRequest, loglikelihood_tokens, token_logprobs
 
@@ -25,16 +26,6 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
-
-
-def load_model(folder: str | Path, dtype: torch.dtype):
-    """A full-precision HF folder, or a quantized one (its quantization_config.json says so)."""
-    from ..quant.config import QUANT_CONFIG_FILE
-
-    if (Path(folder) / QUANT_CONFIG_FILE).exists():
-        from ..quant.checkpoint import load_quantized
-        return load_quantized(folder, dtype)[0]
-    return load_pretrained(folder, dtype=dtype)
 
 
 class EvalLM:
@@ -51,7 +42,7 @@ class EvalLM:
     def load(cls, checkpoint: str | Path, dtype: torch.dtype = torch.float32, tokenizer: str | Path | None = None,
              **kwargs) -> "EvalLM":
         """A checkpoint folder, full precision or quantized; its tokenizer.json, or the one in `tokenizer`."""
-        lm = cls(load_model(checkpoint, dtype), Tokenizer.load(tokenizer or checkpoint), **kwargs)
+        lm = cls(load_any_model(checkpoint, dtype), Tokenizer.load(tokenizer or resolve_checkpoint(checkpoint)), **kwargs)
         lm.checkpoint = str(checkpoint)
         return lm
 
