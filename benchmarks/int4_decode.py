@@ -248,6 +248,8 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fp32-layers", type=int, default=6)
     parser.add_argument("--no-aten", action="store_true", help="skip PyTorch's own int4 ops (slow here)")
+    parser.add_argument("--parts", nargs="+", default=["matrices", "models", "load"],
+                        help="matrices (per-matrix GEMV), models (decode steps), load (RSS of loading int4 pro-1b)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "int4_decode.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -256,9 +258,9 @@ def main():
     bandwidth = read_bandwidth()
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s at {args.threads} thread(s)", flush=True)
     results = {"machine": machine(), "read_bandwidth_bytes_per_s": bandwidth,
-               "matrices": bench_matrices(bandwidth, not args.no_aten),
-               "models": bench_models(bandwidth, args.fp32_layers),
-               "load_memory": bench_load_memory(),
+               "matrices": bench_matrices(bandwidth, not args.no_aten) if "matrices" in args.parts else None,
+               "models": bench_models(bandwidth, args.fp32_layers) if "models" in args.parts else None,
+               "load_memory": bench_load_memory() if "load" in args.parts else None,
                "peak_rss_bytes_of_benchmark": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                "notes": "decode step = infer's decode_one_token with a 64-token KV cache, batch 1; int4 = the "
                         "cpu scheme (int8 dynamic activations, int4 group-32 weights, tied head shared); fp32 "

@@ -101,6 +101,7 @@ def main():
         results["seconds"][name] = {"train": seconds, "eval": time.perf_counter() - t}
         print(f"{name:28s} ppl {results['ppl'][name]:8.3f}" + (f"  (train {seconds:.0f} s)" if seconds else ""),
               flush=True)
+        write(results, Path(args.out))  # after every row: a run cut short still leaves its results
 
     record("full_precision", fp)
     for scheme in ("cpu", "accelerator"):
@@ -109,27 +110,29 @@ def main():
         scheme, loss = run.split(":")
         batches = MixtureLoader(data, MIX, seq_len=args.seq_len, batch_size=args.batch, seed=1)
         schedule = Schedule(args.lr, args.steps, warmup_steps=max(1, args.steps // 10))
-        config = TrainConfig(args.steps, schedule, OptimConfig(weight_decay=0.0), print_every=5)
+        config = TrainConfig(args.steps, schedule, OptimConfig(weight_decay=0.0), print_every=1)
         t = time.perf_counter()
         with tempfile.TemporaryDirectory(dir=cache_root()) as run_dir:
             result = qat(copy.deepcopy(fp).requires_grad_(True), QuantConfig.from_scheme(scheme), batches, config, run_dir,
                          self_distillation=loss == "sd", teacher=fp)
-        record(f"qat_{'self_distill' if loss == 'sd' else 'ce'}_{scheme}", result.model, time.perf_counter() - t)
         results.setdefault("train_losses", {})[run] = result.losses
+        record(f"qat_{'self_distill' if loss == 'sd' else 'ce'}_{scheme}", result.model, time.perf_counter() - t)
 
+    write(results, Path(args.out))
+    print(json.dumps({k: results[k] for k in ("relative_to_full_precision", "recovered_fraction_of_ptq_loss")
+                      if k in results}, indent=2))
+
+
+def write(results: dict, out: Path) -> None:
+    """Derived ratios from the perplexities so far, then the JSON (atomically)."""
     ppl = results["ppl"]
-    for name in list(ppl):
-        if name.startswith("qat_"):
-            scheme = name.rsplit("_", 1)[1]
-            ptq_gap = ppl[f"ptq_{scheme}"] - ppl["full_precision"]
-            results.setdefault("recovered_fraction_of_ptq_loss", {})[name] = (ppl[f"ptq_{scheme}"] - ppl[name]) / ptq_gap
     results["relative_to_full_precision"] = {k: v / ppl["full_precision"] - 1 for k, v in ppl.items()}
-    out = Path(args.out)
+    results["recovered_fraction_of_ptq_loss"] = {
+        name: (ppl[f"ptq_{scheme}"] - ppl[name]) / (ppl[f"ptq_{scheme}"] - ppl["full_precision"])
+        for name in ppl if name.startswith("qat_") for scheme in [name.rsplit("_", 1)[1]]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".tmp").write_text(json.dumps(results, indent=2) + "\n")
     os.replace(out.with_suffix(".tmp"), out)
-    print(json.dumps({k: results[k] for k in ("relative_to_full_precision", "recovered_fraction_of_ptq_loss")
-                      if k in results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -70,3 +70,23 @@ def test_save_refuses_unconverted_model(tmp_path):
     with pytest.raises(ValueError, match="converted model"):
         save_quantized(build_model(CFG, seed=0), QuantConfig.from_scheme("cpu"), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_fake_quant_export_stores_weights_on_the_grid_and_their_scales(tmp_path):
+    from safetensors.torch import load_file
+
+    from mobilellm.quant.checkpoint import export_fake_quant
+
+    config = QuantConfig.from_scheme("accelerator")
+    model = quantize_(build_model(CFG, seed=0), config)
+    export_fake_quant(model, config, tmp_path / "hf")
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    w = tensors["model.layers.1.self_attn.o_proj.weight"]
+    scale = tensors["model.layers.1.self_attn.o_proj.weight_fake_quantizer.scale"]
+    assert scale.shape == (CFG.dim, 1)  # per output channel
+    q = w / scale
+    assert torch.allclose(q, q.round(), atol=1e-4) and q.round().min() >= -8 and q.round().max() <= 7
+    assert torch.allclose(w, model.layers[1].self_attn.o_proj.dequantized_weight())
+    assert "lm_head.weight" in tensors and "model.lm_head.weight_fake_quantizer.scale" in tensors  # untied
+    with pytest.raises(ValueError, match="untied"):
+        export_fake_quant(model, QuantConfig.from_scheme("cpu"), tmp_path / "x")

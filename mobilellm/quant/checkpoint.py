@@ -15,6 +15,7 @@ from ..hf import CheckpointError, read_config, read_tensors, save_pretrained
 from ..model import Transformer
 from .api import convert, prepare
 from .config import QUANT_CONFIG_FILE, QuantConfig
+from .math import dequantize_int4, unpack_int4
 from .modules import QuantizedEmbedding, QuantizedLinear
 
 
@@ -60,3 +61,30 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> tu
     if head.packed_weight.is_meta:  # tied: the head reads the embedding's packed table
         head.packed_weight, head.weight_scale = model.embed_tokens.packed_weight, model.embed_tokens.weight_scale
     return model, config
+
+
+def export_fake_quant(model: Transformer, config: QuantConfig, folder: str | Path) -> Path:
+    """HF-style export of a converted model, as the released int4 accelerator checkpoints store it: float
+    weights on the int4 grid plus `<module>.weight_fake_quantizer.scale` (N, K/group) tensors."""
+    if config.share_embeddings:
+        raise ValueError("the fake-quant export is for untied schemes (accelerator); save the cpu scheme "
+                         "with save_quantized")
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+            weight = dequantize_int4(unpack_int4(module.packed_weight), module.weight_scale)
+            state[f"{name}.weight"] = weight
+            state[f"{name}.weight_fake_quantizer.scale"] = module.weight_scale.float()
+    state.update({k: v for k, v in model.state_dict().items() if not k.endswith(("packed_weight", "weight_scale"))})
+    text = json.dumps(config.to_dict(), indent=2) + "\n"
+    return save_pretrained(_StateOnly(model.config, state), folder, extra_files={QUANT_CONFIG_FILE: text})
+
+
+class _StateOnly:
+    """What save_pretrained reads of a model: its config and state dict."""
+
+    def __init__(self, config, state):
+        self.config, self._state = config, state
+
+    def state_dict(self):
+        return self._state

@@ -3,9 +3,10 @@
 `int4_linear(x, packed, scales, group_size, int8_activations)` computes x @ W^T with W = unpack(packed) *
 scales, and (int8_activations) x replaced by its per-token int8 asymmetric quantization first: the same
 numbers as the fake-quantized model. The backend is chosen by measurement (benchmarks/int4_decode.py,
-benchmarks/results/int4_decode.json): on the AVX2 machine it was measured on, PyTorch's own
-`_weight_int4pack_mm_for_cpu` and `_dyn_quant_matmul_4bit` were ~20x slower than fp32 for a decode GEMV and
-the C++ extension the fastest, so "cpp" is the default where it builds; "reference" is the fallback.
+benchmarks/results/int4_decode.json): on the AVX2 (no AVX512/VNNI) machine it was measured on, a 6144x1280
+decode GEMV took 15.5 ms with PyTorch's `_weight_int4pack_mm_for_cpu`, 14.1 ms with `_dyn_quant_matmul_4bit`
+(no KleidiAI on x86: a reference loop), 1.76 ms in fp32 and 0.47 ms with this C++ extension, so "cpp" is
+the default where it builds; "reference" (dequantize + F.linear) is the fallback.
 """
 
 from __future__ import annotations
