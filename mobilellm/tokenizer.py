@@ -94,8 +94,7 @@ class Tokenizer:
         folder = Path(folder)
         if not (folder / TOKENIZER_FILE).exists():
             raise TokenizerError(f"no {TOKENIZER_FILE} in {folder}")
-        names = (TOKENIZER_FILE, TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE)
-        return cls.from_files({n: (folder / n).read_text() for n in names if (folder / n).exists()}, origin=str(folder))
+        return cls.from_files(tokenizer_files(folder), origin=str(folder))
 
     @classmethod
     def from_files(cls, files: dict[str, str], origin: str = "tokenizer") -> "Tokenizer":
@@ -133,6 +132,15 @@ class Tokenizer:
                                       show_progress=show_progress)
         backend.train_from_iterator(texts, trainer=trainer)
         return cls(backend, "<|bos|>", ["<|eos|>", "<|im_end|>"], "<|pad|>", CHATML_TEMPLATE)
+
+
+def tokenizer_files(folder: str | Path | None) -> dict[str, str]:
+    """A folder's tokenizer files as text, to be written beside a checkpoint's weights."""
+    if folder is None:
+        return {}
+    folder = Path(folder)
+    names = (TOKENIZER_FILE, TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE)
+    return {name: (folder / name).read_text() for name in names if (folder / name).exists()}
 
 
 def _token_text(token) -> str | None:

@@ -135,8 +135,10 @@ def test_full_precision_vs_int4_through_the_cli(checkpoint, tmp_path, capsys):
     int4 = tmp_path / "int4"
     assert main(["quantize", str(checkpoint), "--scheme", "cpu", "--out", str(int4)]) == 0
     args = ["--tasks", "hellaswag,arc_easy", "--data-dir", str(FIXTURES)]
+    assert main(["eval", str(int4), *args, "--out", str(tmp_path / "int4.json")]) == 0  # it carries the tokenizer
+    (int4 / "tokenizer.json").unlink()
     assert main(["eval", str(int4), *args, "--out", str(tmp_path / "int4.json")]) == 2
-    assert "tokenizer.json" in capsys.readouterr().err  # a quantized folder holds no tokenizer
+    assert "tokenizer.json" in capsys.readouterr().err  # named when missing
     assert main(["eval", str(int4), *args, "--tokenizer", str(checkpoint), "--out", str(tmp_path / "int4.json")]) == 0
     assert main(["eval", str(checkpoint), *args, "--out", str(tmp_path / "fp32.json")]) == 0
     fp, q = load_results(tmp_path / "fp32.json"), load_results(tmp_path / "int4.json")

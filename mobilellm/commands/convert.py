@@ -9,10 +9,9 @@ import torch
 from ..gguf_import import gguf_tokenizer_files, read_gguf
 from ..hf import load_pretrained, save_pretrained
 from ..model import Transformer
-from ..tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG, TOKENIZER_FILE, Tokenizer
+from ..tokenizer import TOKENIZER_FILE, Tokenizer, tokenizer_files
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE)
 
 
 def load_any(source: Path, dtype: torch.dtype) -> tuple[Transformer, dict[str, str]]:
@@ -26,8 +25,7 @@ def load_any(source: Path, dtype: torch.dtype) -> tuple[Transformer, dict[str, s
             model.lm_head.weight = model.embed_tokens.weight
         return model, gguf_tokenizer_files(source)
     model = load_pretrained(source, dtype=dtype)
-    files = {name: (source / name).read_text() for name in TOKENIZER_FILES if (source / name).exists()}
-    return model, files
+    return model, tokenizer_files(source)
 
 
 def convert(source: Path, out: Path, *, dtype: str = "float32", name: str | None = None) -> None:

@@ -19,12 +19,13 @@ from .math import dequantize_int4, unpack_int4
 from .modules import QuantizedEmbedding, QuantizedLinear
 
 
-def save_quantized(model: Transformer, config: QuantConfig, folder: str | Path) -> Path:
-    """Write a converted model (atomically: a crash leaves no half-written folder)."""
+def save_quantized(model: Transformer, config: QuantConfig, folder: str | Path,
+                   extra_files: dict[str, str] | None = None) -> Path:
+    """Write a converted model (atomically: a crash leaves no half-written folder), with e.g. its tokenizer."""
     if not any(isinstance(m, (QuantizedLinear, QuantizedEmbedding)) for m in model.modules()):
         raise ValueError("save_quantized needs a converted model (quantize_ or prepare -> train -> convert)")
     text = json.dumps(config.to_dict(), indent=2) + "\n"
-    return save_pretrained(model, folder, extra_files={QUANT_CONFIG_FILE: text})
+    return save_pretrained(model, folder, extra_files={**(extra_files or {}), QUANT_CONFIG_FILE: text})
 
 
 def quantized_skeleton(model_config, config: QuantConfig, dtype: torch.dtype = torch.float32) -> Transformer:

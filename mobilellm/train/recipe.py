@@ -16,7 +16,7 @@ import torch
 from ..config import ModelConfig
 from ..data import MixtureLoader, TokenDataset, validation_batches
 from ..model import build_model
-from ..tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG, TOKENIZER_FILE, Tokenizer
+from ..tokenizer import Tokenizer, tokenizer_files
 from .distributed import SingleProcess, init_parallel
 from .loop import TrainConfig, TrainResult, train
 from .losses import CrossEntropy, Distillation
@@ -83,15 +83,6 @@ class Recipe:
         data["student"] = self.student.to_dict()
         data["schedule"], data["optim"] = dataclasses.asdict(self.schedule), dataclasses.asdict(self.optim)
         return data
-
-
-def tokenizer_files(folder: str | Path | None) -> dict[str, str]:
-    """The tokenizer's files as text, to be written beside every checkpoint's weights."""
-    if folder is None:
-        return {}
-    folder = Path(folder)
-    names = (TOKENIZER_FILE, TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE)
-    return {name: (folder / name).read_text() for name in names if (folder / name).exists()}
 
 
 def run_recipe(recipe: Recipe, out: str | Path, *, resume: bool = False,
