@@ -79,7 +79,7 @@ def _add_parameter(parser: argparse.ArgumentParser, param: inspect.Parameter, hi
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(prog="mobilellm", description="MobileLLM-Pro end to end: train, distill, merge, quantize, evaluate and run small language models on a CPU.")
+    parser = argparse.ArgumentParser(prog="mobilellm", description="MobileLLM-Pro end to end: train, distill, quantize, evaluate and run small language models on a CPU.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     functions = {}
     for name, target in COMMANDS.items():
