@@ -1,4 +1,6 @@
-"""Where FlexAttention pays: sliding-window attention (pro-1b heads, window 512), forward + backward.
+"""Where FlexAttention pays: sliding-window attention (pro-1b heads, window 512).
+
+The forward pass on a CPU (FlexAttention has no CPU backward in torch 2.13); forward + backward on a GPU.
 
 Peers in the same run: SDPA with a boolean sliding mask (what the model uses without flex) and SDPA's
 plain causal path (all-global attention, the cost sliding windows should undercut at long sequences).
@@ -29,6 +31,9 @@ def timed(fn, repeats: int) -> float:
 
 def step(q, k, v, mask, backend):
     def run():
+        if not q.requires_grad:
+            with torch.no_grad():
+                return attend(q, k, v, mask, backend)
         for t in (q, k, v):
             t.grad = None
         attend(q, k, v, mask, backend).sum().backward()
@@ -41,11 +46,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     rows = []
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backward = device == "cuda"
     for T in args.lengths:
-        q = torch.randn(1, HEADS, T, HEAD_DIM, requires_grad=True)
-        k = torch.randn(1, KV_HEADS, T, HEAD_DIM, requires_grad=True)
-        v = torch.randn(1, KV_HEADS, T, HEAD_DIM, requires_grad=True)
-        pos = torch.arange(T)[None]
+        q = torch.randn(1, HEADS, T, HEAD_DIM, device=device, requires_grad=backward)
+        k = torch.randn(1, KV_HEADS, T, HEAD_DIM, device=device, requires_grad=backward)
+        v = torch.randn(1, KV_HEADS, T, HEAD_DIM, device=device, requires_grad=backward)
+        pos = torch.arange(T, device=device)[None]
         dense = attention_mask("sliding_attention", pos, pos, window=WINDOW)
         block = flex_block_mask("sliding_attention", pos, pos, window=WINDOW)
         flex_s = timed(step(q, k, v, block, "flex"), args.repeats)
@@ -58,7 +65,9 @@ def main():
               f"sdpa causal {causal_s * 1e3:8.1f} ms  flex x{row['flex_speedup_vs_sdpa_mask']:.2f} vs mask")
     write_json(Path(__file__).parent / "results" / "attention_backends.json",
                {"benchmark": "attention_backends", "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
-                                                              "window": WINDOW, "batch": 1, "pass": "forward+backward"},
+                                                              "window": WINDOW, "batch": 1,
+                                                              "pass": "forward+backward" if backward else "forward",
+                                                              "device": device},
                 "rows": rows, "machine": machine_info()})
 
 
