@@ -34,7 +34,7 @@ from mobilellm.model import build_model  # noqa: E402
 from mobilellm.quant import QuantConfig  # noqa: E402
 from mobilellm.quant import math as qm  # noqa: E402
 from mobilellm.quant.checkpoint import quantized_skeleton, save_quantized  # noqa: E402
-from mobilellm.quant.kernels import int4_linear, load_extension  # noqa: E402
+from mobilellm.quant.kernels import int4_linear, load_extension, row_correction  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import machine_info  # noqa: E402
@@ -93,7 +93,8 @@ def bench_matrices(bandwidth: float, with_aten: bool) -> dict:
         int4_bytes = packed.numel() + scales.numel() * scales.element_size()
         row = {"shape_out_in": [n, k], "int4_bytes": int4_bytes,
                "roofline_int4_s": int4_bytes / bandwidth}
-        row["int4_a8_s"] = timeit(lambda: int4_linear(x, packed, scales, 32, True, backend="cpp"))
+        corr = row_correction(packed, scales, 32)  # once per matrix, as QuantizedLinear caches it
+        row["int4_a8_s"] = timeit(lambda: int4_linear(x, packed, scales, 32, True, backend="cpp", correction=corr))
         row["int4_weight_only_s"] = timeit(lambda: int4_linear(x, packed, scales, 32, False, backend="cpp"))
         if with_aten and n <= 8192:
             row["aten_int4pack_mm_s"] = timeit(lambda f=aten_int4pack(packed, scales, 32): f(x))

@@ -68,4 +68,6 @@ def test_cpp_model_close_to_reference_model(ext, monkeypatch):
 def test_kernel_rejects_bad_shapes(ext):
     packed, scales = packed_weight(8, 64, 32, torch.float16)
     with pytest.raises(RuntimeError, match="do not match"):
-        ext.int4_linear_a8(torch.randn(1, 96), packed, scales, 32)
+        ext.int4_linear_a8(torch.randn(1, 96), packed, scales, torch.zeros(8), 32)
+    with pytest.raises(RuntimeError, match="row correction"):
+        ext.int4_linear_a8(torch.randn(1, 64), packed, scales, torch.zeros(7), 32)

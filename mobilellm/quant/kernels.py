@@ -64,17 +64,31 @@ def int4_linear_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.T
     return F.linear(x.float(), w)
 
 
+def row_correction(packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N,) float: sum over groups of scale x (sum of the group's int4 values), which the cpp int8-activation
+    kernel needs for the activation zero point. Depends only on the weights: compute it once per matrix."""
+    return load_extension().int4_row_correction(packed, scales, group_size)
+
+
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int,
-                int8_activations: bool, backend: str | None = None) -> torch.Tensor:
-    """x (..., K) -> (..., N) in x's dtype."""
+                int8_activations: bool, backend: str | None = None,
+                correction: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) -> (..., N) in x's dtype. `correction`: row_correction(packed, scales, group_size), cached
+    by the caller (computed here when missing)."""
     backend = backend or default_backend()
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    if backend == "cpp" and int8_activations and x.shape[-1] % 64:
+        backend = "reference"  # the cpp kernel takes 32-column blocks in pairs
     if backend == "cpp":
         ext = load_extension()
         if ext is None:
             raise RuntimeError("the int4 C++ kernels are not available on this machine (no AVX2 or no compiler)")
-        op = ext.int4_linear_a8 if int8_activations else ext.int4_linear_f32
-        y = op(x2.float().contiguous(), packed, scales, group_size)
+        if int8_activations:
+            if correction is None:
+                correction = ext.int4_row_correction(packed, scales, group_size)
+            y = ext.int4_linear_a8(x2.float().contiguous(), packed, scales, correction, group_size)
+        else:
+            y = ext.int4_linear_f32(x2.float().contiguous(), packed, scales, group_size)
     elif backend == "reference":
         y = int4_linear_reference(x2, packed, scales, group_size, int8_activations)
     else:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..model import Attention
-from .kernels import int4_linear
+from .kernels import default_backend, int4_linear, row_correction
 from .math import dequantize_int4, fake_quantize_kv_int8, unpack_int4
 
 
@@ -28,7 +28,18 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("weight_scale", scales, persistent=not shared)  # (N, K/group)
 
     def forward(self, x):  # (..., K) -> (..., N)
-        return int4_linear(x, self.packed_weight, self.weight_scale, self.group_size, self.int8_activations)
+        backend = default_backend()
+        correction = self._correction() if backend == "cpp" and self.int8_activations else None
+        return int4_linear(x, self.packed_weight, self.weight_scale, self.group_size, self.int8_activations,
+                           backend, correction)
+
+    def _correction(self) -> torch.Tensor:
+        """The kernel's per-row constant, recomputed only when the weights change (a load, an in-place copy)."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.packed_weight, self.weight_scale))
+        if getattr(self, "_correction_key", None) != key:
+            self._correction_value = row_correction(self.packed_weight, self.weight_scale, self.group_size)
+            self._correction_key = key
+        return self._correction_value
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_int4(unpack_int4(self.packed_weight), self.weight_scale)
