@@ -64,6 +64,10 @@ class KVStore:
                     dequantize_int8(self.v[:, :, :end], self.v_scale[:, :, :end], self.dtype))
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def stored(self, x: torch.Tensor) -> torch.Tensor:
+        """x as a later read will return it (through int8 and back when the store is int8)."""
+        return dequantize_int8(*quantize_int8(x), self.dtype) if self.int8 else x
+
     def tensors(self) -> list[torch.Tensor]:
         return [self.k, self.v] + ([self.k_scale, self.v_scale] if self.int8 else [])
 
@@ -104,8 +108,13 @@ class KVCache:
             k_all, v_all = store.read(start + T)
             k_pos = torch.arange(start + T, device=k.device).expand(B, -1)
             return k_all, v_all, k_pos
-        # Ring: old slots first (read before the chunk overwrites them), then the chunk itself.
+        if T == 1:  # one token overwrites only the slot just out of its window: write, then read the ring
+            store.write(slice(start % self.window, start % self.window + 1), k, v)
+            k_all, v_all = store.read(self.window)
+            return k_all, v_all, ring_positions(start + 1, self.window, k.device).expand(B, -1)
+        # A chunk: old slots first (read before the chunk overwrites them), then the chunk itself.
         old_k, old_v = store.read(self.window)
+        k, v = store.stored(k), store.stored(v)  # the chunk attends its keys as later steps will read them
         k_all, v_all = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)  # (B, n_kv, window + T, hd)
         k_pos = torch.cat([ring_positions(start, self.window, k.device), positions[0]]).expand(B, -1)
         keep = min(T, self.window)  # only the last `window` tokens of the chunk survive in the ring

@@ -12,6 +12,7 @@ the default where it builds; "reference" (dequantize + F.linear) is the fallback
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -37,8 +38,10 @@ def load_extension():
     if not cpu_supports_avx2():
         return None
     from torch.utils.cpp_extension import load
+    # Named by content: two checkouts with different kernels never overwrite each other's build.
+    digest = hashlib.sha1(_SOURCE.read_bytes()).hexdigest()[:12]
     try:
-        return load(name="mobilellm_int4_linear", sources=[str(_SOURCE)],
+        return load(name=f"mobilellm_int4_linear_{digest}", sources=[str(_SOURCE)],
                     extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # a missing compiler must not break inference: fall back, say why
@@ -70,6 +73,29 @@ def row_correction(packed: torch.Tensor, scales: torch.Tensor, group_size: int) 
     return load_extension().int4_row_correction(packed, scales, group_size)
 
 
+# The C++ kernels as torch ops, so torch.compile traces a quantized model in one graph (a pybind call
+# would break it at every linear layer).
+@torch.library.custom_op("mobilellm::int4_linear_a8", mutates_args=())
+def _int4_linear_a8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, correction: torch.Tensor,
+                    group_size: int) -> torch.Tensor:
+    return load_extension().int4_linear_a8(x, packed, scales, correction, group_size)
+
+
+@torch.library.custom_op("mobilellm::int4_linear_f32", mutates_args=())
+def _int4_linear_f32(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    return load_extension().int4_linear_f32(x, packed, scales, group_size)
+
+
+@_int4_linear_a8.register_fake
+def _(x, packed, scales, correction, group_size):
+    return x.new_empty(x.shape[0], packed.shape[0])
+
+
+@_int4_linear_f32.register_fake
+def _(x, packed, scales, group_size):
+    return x.new_empty(x.shape[0], packed.shape[0])
+
+
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int,
                 int8_activations: bool, backend: str | None = None,
                 correction: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,15 +106,14 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, gro
     if backend == "cpp" and int8_activations and x.shape[-1] % 64:
         backend = "reference"  # the cpp kernel takes 32-column blocks in pairs
     if backend == "cpp":
-        ext = load_extension()
-        if ext is None:
+        if load_extension() is None:
             raise RuntimeError("the int4 C++ kernels are not available on this machine (no AVX2 or no compiler)")
         if int8_activations:
             if correction is None:
-                correction = ext.int4_row_correction(packed, scales, group_size)
-            y = ext.int4_linear_a8(x2.float().contiguous(), packed, scales, correction, group_size)
+                correction = row_correction(packed, scales, group_size)
+            y = _int4_linear_a8(x2.float().contiguous(), packed, scales, correction, group_size)
         else:
-            y = ext.int4_linear_f32(x2.float().contiguous(), packed, scales, group_size)
+            y = _int4_linear_f32(x2.float().contiguous(), packed, scales, group_size)
     elif backend == "reference":
         y = int4_linear_reference(x2, packed, scales, group_size, int8_activations)
     else:

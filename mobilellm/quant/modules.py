@@ -29,7 +29,10 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x):  # (..., K) -> (..., N)
         backend = default_backend()
-        correction = self._correction() if backend == "cpp" and self.int8_activations else None
+        correction = None
+        if backend == "cpp" and self.int8_activations:
+            # Under torch.compile the weights are taken as fixed: the value of the last eager call is used.
+            correction = self._correction_value if torch.compiler.is_compiling() else self._correction()
         return int4_linear(x, self.packed_weight, self.weight_scale, self.group_size, self.int8_activations,
                            backend, correction)
 
@@ -73,9 +76,10 @@ class _Int8KV:
         self.cache = cache
 
     def update(self, layer, k, v, positions):  # k, v: (B, n_kv, T, hd)
-        k, v = fake_quantize_kv_int8(k), fake_quantize_kv_int8(v)
         if self.cache is None:
-            return k, v, positions
+            return fake_quantize_kv_int8(k), fake_quantize_kv_int8(v), positions
+        if not getattr(self.cache, "int8", False):  # an int8 cache quantizes them itself, with the same math
+            k, v = fake_quantize_kv_int8(k), fake_quantize_kv_int8(v)
         return self.cache.update(layer, k, v, positions)
 
 
