@@ -3,7 +3,6 @@ the data loader's position included."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
