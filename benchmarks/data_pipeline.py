@@ -74,7 +74,7 @@ def bench_sharding(tokenizer: Tokenizer, corpus: Path, texts_by_domain: dict[str
 def bench_loading(dataset: TokenDataset, steps: int) -> dict:
     seq_len, batch_size = 512, 4
     weights = {"prose": 0.4, "code": 0.4, "math": 0.2}
-    loader = MixtureLoader(dataset, weights, seq_len=seq_len, batch_size=batch_size, seed=0)
+    loader = MixtureLoader(dataset, weights, seq_len=seq_len, global_batch_size=batch_size, seed=0)
     next(loader)  # first touch of the memory maps
     load_s = timed(lambda: next(loader), steps * 5)
     config = ModelConfig.from_name("starter-20m")

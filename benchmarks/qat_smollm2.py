@@ -108,7 +108,7 @@ def main():
         record(f"ptq_{scheme}", quantize_(copy.deepcopy(fp), QuantConfig.from_scheme(scheme)))
     for run in args.runs:
         scheme, loss = run.split(":")
-        batches = MixtureLoader(data, MIX, seq_len=args.seq_len, batch_size=args.batch, seed=1)
+        batches = MixtureLoader(data, MIX, seq_len=args.seq_len, global_batch_size=args.batch, seed=1)
         schedule = Schedule(args.lr, args.steps, warmup_steps=max(1, args.steps // 10))
         config = TrainConfig(args.steps, schedule, OptimConfig(weight_decay=0.0), print_every=1)
         t = time.perf_counter()

@@ -55,7 +55,7 @@ def _check_batch(batch, B, T, eos, padded=False):
 
 
 def test_batches_have_the_documented_layout(dataset):
-    loader = MixtureLoader(dataset, {"long": 1, "short": 1}, seq_len=64, batch_size=4, seed=0)
+    loader = MixtureLoader(dataset, {"long": 1, "short": 1}, seq_len=64, global_batch_size=4, seed=0)
     for _ in range(5):
         _check_batch(next(loader), 4, 64, dataset.eos_id)
 
@@ -101,7 +101,7 @@ def test_every_document_once_per_epoch(dataset):
 
 def test_same_seed_same_batches_other_seed_other_batches(dataset):
     def take(seed, n=4):
-        loader = MixtureLoader(dataset, {"long": 1, "short": 1}, seq_len=32, batch_size=2, seed=seed)
+        loader = MixtureLoader(dataset, {"long": 1, "short": 1}, seq_len=32, global_batch_size=2, seed=seed)
         return [next(loader)["tokens"] for _ in range(n)]
 
     assert all(torch.equal(a, b) for a, b in zip(take(0), take(0)))
@@ -110,7 +110,7 @@ def test_same_seed_same_batches_other_seed_other_batches(dataset):
 
 @pytest.mark.parametrize("stop_after", [1, 7, 13])
 def test_a_restored_loader_continues_the_stream_exactly(dataset, stop_after):
-    make = lambda: MixtureLoader(dataset, {"long": 2, "short": 1}, seq_len=40, batch_size=3, seed=5)  # noqa: E731
+    make = lambda: MixtureLoader(dataset, {"long": 2, "short": 1}, seq_len=40, global_batch_size=3, seed=5)  # noqa: E731
     uninterrupted = make()
     expected = [next(uninterrupted) for _ in range(stop_after + 6)]
     first = make()
@@ -126,25 +126,85 @@ def test_a_restored_loader_continues_the_stream_exactly(dataset, stop_after):
 
 
 def test_a_state_from_other_settings_is_refused(dataset):
-    loader = MixtureLoader(dataset, {"long": 1}, seq_len=40, batch_size=2, seed=5)
+    loader = MixtureLoader(dataset, {"long": 1}, seq_len=40, global_batch_size=2, seed=5)
     state = loader.state_dict()
-    other = MixtureLoader(dataset, {"long": 1}, seq_len=64, batch_size=2, seed=5)
+    other = MixtureLoader(dataset, {"long": 1}, seq_len=64, global_batch_size=2, seed=5)
     with pytest.raises(DataError, match=r"other settings \(seq_len\): saved \[40\], now \[64\]"):
         other.load_state_dict(state)
 
 
-def test_ranks_draw_disjoint_documents(dataset):
-    seen = []
-    for rank in range(3):
-        sampler = DomainSampler(dataset, {"long": 1, "short": 1}, seed=0, rank=rank, world_size=3)
-        seen.append({sampler.draw()[0] for _ in range(500)})
-    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
-    total = len(dataset.documents("long")) + len(dataset.documents("short"))
-    assert len(seen[0] | seen[1] | seen[2]) == total  # together they cover everything
+LAYOUTS = [(2, 1), (1, 2), (2, 2), (4, 1), (4, 2)]  # (world_size, grad_accum) splitting a global batch of 8
+
+
+def global_batches(dataset, world_size, grad_accum, steps, state=None, **kw):
+    """Per optimizer step, the micro-batches of all processes in (rank, micro-batch) order, concatenated."""
+    loaders = [MixtureLoader(dataset, {"long": 2, "short": 1}, seq_len=40, global_batch_size=8, seed=5, rank=r,
+                             world_size=world_size, grad_accum=grad_accum, **kw) for r in range(world_size)]
+    if state is not None:
+        for loader in loaders:
+            loader.load_state_dict(state)
+    out = []
+    for _ in range(steps):
+        parts = [next(loader) for loader in loaders for _ in range(grad_accum)]
+        out.append({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+    states = [loader.state_dict() for loader in loaders]
+    assert all(s == states[0] for s in states)  # the state is global: the same on every process
+    return out, states[0]
+
+
+def assert_same_batches(got, want):
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.parametrize("world_size, grad_accum", LAYOUTS)
+def test_processes_and_micro_batches_split_the_same_global_batch(dataset, world_size, grad_accum):
+    reference, reference_state = global_batches(dataset, 1, 1, steps=4)
+    split, state = global_batches(dataset, world_size, grad_accum, steps=4)
+    assert_same_batches(split, reference)
+    assert state == reference_state
+
+
+def test_each_process_builds_only_its_own_rows(dataset, monkeypatch):
+    import mobilellm.data.mixture as mixture
+    built = []
+    monkeypatch.setattr(mixture, "window_example", lambda *a: built.append(1) or window_example(*a))
+    loader = MixtureLoader(dataset, {"long": 1, "short": 1}, seq_len=40, global_batch_size=8, rank=3, world_size=4)
+    assert next(loader)["tokens"].shape == (2, 40) and len(built) == 2  # 8 rows packed, 2 built
+
+
+@pytest.mark.parametrize("world_size, grad_accum", [(1, 1)] + LAYOUTS)
+def test_a_state_saved_on_two_processes_resumes_on_another_layout(dataset, world_size, grad_accum):
+    reference, _ = global_batches(dataset, 1, 1, steps=6)
+    first, state = global_batches(dataset, 2, 1, steps=3)
+    state = json.loads(json.dumps(state))  # it must survive a checkpoint file
+    rest, end_state = global_batches(dataset, world_size, grad_accum, steps=3, state=state)
+    assert_same_batches(first + rest, reference)
+    assert end_state == global_batches(dataset, 1, 1, steps=6)[1]
+
+
+def test_a_state_saved_inside_a_global_batch_resumes_only_on_the_same_layout(dataset):
+    make = lambda **kw: MixtureLoader(dataset, {"long": 1, "short": 1}, seq_len=40, global_batch_size=8, seed=2,  # noqa: E731
+                                      rank=1, world_size=2, **kw)
+    uninterrupted = make(grad_accum=2)
+    expected = [next(uninterrupted) for _ in range(5)]
+    loader = make(grad_accum=2)
+    for _ in range(3):  # one step and a half
+        next(loader)
+    restored = make(grad_accum=2)
+    restored.load_state_dict(json.loads(json.dumps(loader.state_dict())))
+    assert all(torch.equal(a[k], b[k]) for a, b in zip([next(restored), next(restored)], expected[3:]) for k in b)
+    with pytest.raises(DataError, match="middle of a global batch .micro-batch 1 of 2 on 2 process"):
+        make(grad_accum=1).load_state_dict(loader.state_dict())
+
+
+def test_batch_layout_errors_name_the_problem(dataset):
     with pytest.raises(DataError, match="rank must be in"):
-        DomainSampler(dataset, {"long": 1}, rank=2, world_size=2)
-    with pytest.raises(DataError, match="too few for 1000 ranks"):
-        DomainSampler(dataset, {"long": 1}, rank=999, world_size=1000)
+        MixtureLoader(dataset, {"long": 1}, seq_len=40, global_batch_size=4, rank=2, world_size=2)
+    with pytest.raises(DataError, match="global batch of 6 windows does not split evenly over 2 process.es. x 2 "
+                                        "micro-batch.es. .needs a multiple of 4"):
+        MixtureLoader(dataset, {"long": 1}, seq_len=40, global_batch_size=6, world_size=2, grad_accum=2)
 
 
 def test_validation_batches_are_fixed_and_cover_the_held_out_split(dataset):
@@ -202,7 +262,7 @@ def test_loader_batches_drive_the_model_and_loss(dataset):
     config = ModelConfig.from_name("tiny").replace(vocab_size=dataset.vocab_size)
     dataset.check_model_vocab(config.vocab_size)
     model = build_model(config, seed=0)
-    batch = next(MixtureLoader(dataset, {"long": 1, "short": 1}, seq_len=64, batch_size=2))
+    batch = next(MixtureLoader(dataset, {"long": 1, "short": 1}, seq_len=64, global_batch_size=2))
     logits = model(batch["tokens"], batch["positions"], batch["doc_ids"])
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE_INDEX)
     assert abs(loss.item() - np.log(config.vocab_size)) < 1.0  # an untrained model: near-uniform
@@ -210,8 +270,8 @@ def test_loader_batches_drive_the_model_and_loss(dataset):
 
 
 def test_unmasked_packing_is_one_causal_sequence_per_row(dataset):
-    masked = MixtureLoader(dataset, {"short": 1}, seq_len=64, batch_size=2, seed=1)
-    plain = MixtureLoader(dataset, {"short": 1}, seq_len=64, batch_size=2, seed=1, mask_documents=False)
+    masked = MixtureLoader(dataset, {"short": 1}, seq_len=64, global_batch_size=2, seed=1)
+    plain = MixtureLoader(dataset, {"short": 1}, seq_len=64, global_batch_size=2, seed=1, mask_documents=False)
     a, b = next(masked), next(plain)
     assert torch.equal(a["tokens"], b["tokens"])  # the same stream, only the labels differ
     assert torch.equal(b["positions"], torch.arange(64).expand(2, 64)) and (b["doc_ids"] == 0).all()

@@ -56,6 +56,14 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=5e-5)  # Adam magnifies rounding of near-zero grads
 
 
+def test_a_batch_source_cut_for_another_layout_is_refused(tmp_path):
+    model, _, config = tiny_setup(steps=1)
+    with pytest.raises(ValueError, match="laid out for world_size=2 but this run has world_size=1"):
+        train(model, SyntheticBatches(TINY.vocab_size, 4, 16, world_size=2), CrossEntropy(), config, tmp_path)
+    with pytest.raises(ValueError, match="laid out for grad_accum=2 but this run has grad_accum=1"):
+        train(model, SyntheticBatches(TINY.vocab_size, 4, 16, grad_accum=2), CrossEntropy(), config, tmp_path)
+
+
 class NanAt:
     """CE, but NaN on the given (0-based) calls."""
 

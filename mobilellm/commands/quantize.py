@@ -57,7 +57,7 @@ def qat(checkpoint: Path, *, scheme: str, data: Path, out: Path, steps: int = 10
     config = QuantConfig.from_scheme(scheme)
     checkpoint = resolve_checkpoint(checkpoint)
     dataset = TokenDataset(data)
-    batches = MixtureLoader(dataset, {d: 1.0 for d in dataset.domains}, seq_len=seq_len, batch_size=batch_size)
+    batches = MixtureLoader(dataset, {d: 1.0 for d in dataset.domains}, seq_len=seq_len, global_batch_size=batch_size)
     train_config = TrainConfig(steps, Schedule(lr, steps, warmup_steps=max(1, steps // 10)),
                                OptimConfig(weight_decay=0.0))
     result = run_qat(load_pretrained(checkpoint), config, batches, train_config,

@@ -1,13 +1,17 @@
 """Sampling documents from several domains with fixed weights, packed into training batches.
 
-Every choice is a pure function of (seed, rank, a counter), so the whole stream is reproducible and
-the loader's state is a handful of counters: a loader restored from `state_dict()` yields exactly the
+Every choice is a pure function of (seed, a counter), so the whole stream is reproducible and the
+loader's state is a handful of counters: a loader restored from `state_dict()` yields exactly the
 batches the uninterrupted one would.
 
-Data parallelism: each domain's documents are dealt once into `world_size` disjoint parts (a seeded
-permutation, part r = every world_size-th document), and rank r only ever draws from part r, in a fresh
-order each epoch of that part; domain choices are seeded per rank. Streams of different ranks never
-share a document.
+Data parallelism: there is one global stream of windows, the same on every process (domain choices,
+each domain's document order per epoch, packing). Each optimizer step takes the next *global batch* of
+`global_batch_size` windows; of it, process r of W takes the contiguous rows
+[r * G/W, (r + 1) * G/W), cut into `grad_accum` micro-batches of G / (W * grad_accum) rows, in order.
+So the windows an optimizer step sees, and the saved state (counters of the global stream), do not
+depend on the number of processes or micro-batches: a run checkpointed on 2 processes resumes on 1 or 4
+and sees exactly the windows the uninterrupted run would have. Every process packs the whole global
+batch, but packing only slices the memory-mapped shards; tokens are read for its own rows alone.
 """
 
 from __future__ import annotations
@@ -45,38 +49,33 @@ def _domain_seed(name: str) -> int:
     return zlib.crc32(name.encode())  # stable across runs, unlike hash()
 
 
-class RankDocuments:
-    """One domain's documents owned by one rank, in a seeded order that changes every epoch."""
+class ShuffledDocuments:
+    """One domain's documents in a seeded order that changes every epoch."""
 
-    def __init__(self, store: DocumentStore, name: str, seed: int, rank: int, world_size: int):
-        self.store, self.key = store, [seed, _domain_seed(name), rank]
-        dealt = np.random.default_rng([seed, _domain_seed(name)]).permutation(len(store))
-        self.owned = dealt[rank::world_size]  # this rank's documents
-        if len(self.owned) == 0:
-            raise DataError(f"domain {name!r} has {len(store)} documents: too few for {world_size} ranks")
+    def __init__(self, store: DocumentStore, name: str, seed: int):
+        if len(store) == 0:
+            raise DataError(f"domain {name!r} has no documents in this split")
+        self.store, self.key = store, [seed, _domain_seed(name)]
         self._epoch, self._order = -1, None
 
     def index(self, n: int) -> int:
-        """Document index of this rank's n-th draw from the domain."""
-        epoch, i = divmod(n, len(self.owned))
+        """Document index of the domain's n-th draw."""
+        epoch, i = divmod(n, len(self.store))
         if epoch != self._epoch:
             self._epoch = epoch
-            self._order = np.random.default_rng([*self.key, epoch]).permutation(len(self.owned))
-        return int(self.owned[self._order[i]])
+            self._order = np.random.default_rng([*self.key, epoch]).permutation(len(self.store))
+        return int(self._order[i])
 
 
 class DomainSampler:
     """Draws (domain, document) pairs: the domain by weight, then that domain's next document."""
 
-    def __init__(self, dataset: TokenDataset, weights: dict[str, float], *, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, split: str = "train"):
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    def __init__(self, dataset: TokenDataset, weights: dict[str, float], *, seed: int = 0, split: str = "train"):
         self.weights = normalize_weights(weights, dataset.domains)
         self.names = list(self.weights)
         self.probs = np.array([self.weights[n] for n in self.names])
-        self.seed, self.rank = seed, rank
-        self.docs = {n: RankDocuments(dataset.documents(n, split), n, seed, rank, world_size) for n in self.names}
+        self.seed = seed
+        self.docs = {n: ShuffledDocuments(dataset.documents(n, split), n, seed) for n in self.names}
         self.draws = 0
         self.drawn = {n: 0 for n in self.names}
         self._block, self._choices = -1, None
@@ -84,11 +83,12 @@ class DomainSampler:
     def _domain(self, draw: int) -> str:
         block, i = divmod(draw, _CHOICE_BLOCK)
         if block != self._block:
-            rng = np.random.default_rng([self.seed, self.rank, block])
+            rng = np.random.default_rng([self.seed, block])
             self._block, self._choices = block, rng.choice(len(self.names), size=_CHOICE_BLOCK, p=self.probs)
         return self.names[self._choices[i]]
 
     def draw(self) -> tuple[tuple[str, int], np.ndarray]:
+        """The next document: its key and its tokens, a memory-mapped view (nothing is read until used)."""
         name = self._domain(self.draws)
         index = self.docs[name].index(self.drawn[name])
         self.draws += 1
@@ -106,37 +106,80 @@ class DomainSampler:
 
 
 class MixtureLoader:
-    """Endless training batches: dicts of int64 tensors `tokens`, `targets`, `positions`, `doc_ids` (B, T).
+    """Endless training micro-batches: dicts of int64 tensors `tokens`, `targets`, `positions`, `doc_ids` (B, T).
 
-    `model(batch["tokens"], batch["positions"], batch["doc_ids"])` gives logits whose cross-entropy
-    against batch["targets"] (ignore_index=-100) is the loss. mask_documents=False: see window_example.
+    `global_batch_size` windows per optimizer step over all processes; each `next()` gives this process's
+    next micro-batch, B = global_batch_size / (world_size * grad_accum) rows, so `grad_accum` calls make
+    its share of one step. `model(batch["tokens"], batch["positions"], batch["doc_ids"])` gives logits
+    whose cross-entropy against batch["targets"] (ignore_index=-100) is the loss.
+    mask_documents=False: see window_example.
     """
 
-    def __init__(self, dataset: TokenDataset, weights: dict[str, float], *, seq_len: int, batch_size: int,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, mask_documents: bool = True):
-        if batch_size < 1:
-            raise DataError(f"batch_size must be at least 1, got {batch_size}")
-        self.sampler = DomainSampler(dataset, weights, seed=seed, rank=rank, world_size=world_size)
+    def __init__(self, dataset: TokenDataset, weights: dict[str, float], *, seq_len: int, global_batch_size: int,
+                 grad_accum: int = 1, seed: int = 0, rank: int = 0, world_size: int = 1, mask_documents: bool = True):
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if global_batch_size < 1 or grad_accum < 1:
+            raise DataError(f"global_batch_size ({global_batch_size}) and grad_accum ({grad_accum}) must be at least 1")
+        if global_batch_size % (world_size * grad_accum):
+            raise DataError(f"a global batch of {global_batch_size} windows does not split evenly over {world_size} "
+                            f"process(es) x {grad_accum} micro-batch(es) (needs a multiple of {world_size * grad_accum})")
+        self.sampler = DomainSampler(dataset, weights, seed=seed)
         self.packer = Packer(seq_len)
-        self.batch_size = batch_size
-        self.batches = 0
+        self.global_batch_size, self.grad_accum = global_batch_size, grad_accum
+        self.rank, self.world_size = rank, world_size
+        self.micro_batch_size = global_batch_size // (world_size * grad_accum)
         self.mask_documents = mask_documents
-        self.setting = {"seq_len": seq_len, "seed": seed, "rank": rank, "world_size": world_size,
-                        "weights": self.sampler.weights, "mask_documents": mask_documents}
+        self.windows = 0  # windows of the global stream in completed global batches
+        self._micro = 0  # micro-batches of the current global batch already given out
+        self._rows: list[dict[str, np.ndarray]] | None = None  # this process's rows of the current global batch
+        self._batch_start: dict | None = None  # stream position where the current global batch began
+        self.setting = {"seq_len": seq_len, "seed": seed, "weights": self.sampler.weights,
+                        "mask_documents": mask_documents}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        rows = [window_example(self.packer.next_row(self.sampler.draw), self.mask_documents)
-                for _ in range(self.batch_size)]
-        self.batches += 1
-        return collate(rows)
+        if self._rows is None:
+            self._batch_start = self._position()
+            self._rows = self._pack_global_batch()
+        m = self.micro_batch_size
+        batch = collate(self._rows[self._micro * m:(self._micro + 1) * m])
+        self._micro += 1
+        if self._micro == self.grad_accum:  # this process's share of the global batch is done
+            self._rows, self._micro = None, 0
+            self.windows += self.global_batch_size
+        return batch
+
+    def _pack_global_batch(self) -> list[dict[str, np.ndarray]]:
+        """Packs all rows of the next global batch (every process alike) and builds only this process's."""
+        share = self.global_batch_size // self.world_size
+        mine = range(self.rank * share, (self.rank + 1) * share)
+        rows = []
+        for row in range(self.global_batch_size):
+            segments = self.packer.next_row(self.sampler.draw)  # (T + 1,) in memory-mapped pieces
+            if row in mine:
+                rows.append(window_example(segments, self.mask_documents))
+        return rows
+
+    def _position(self) -> dict:
+        return {"sampler": self.sampler.state_dict(), "packer": self.packer.state_dict()}
+
+    def _layout(self) -> dict:
+        return {"global_batch_size": self.global_batch_size, "world_size": self.world_size,
+                "grad_accum": self.grad_accum}
 
     def state_dict(self) -> dict:
-        """JSON-serialisable position in the stream (a few counters)."""
-        return {"setting": self.setting, "batches": self.batches, "sampler": self.sampler.state_dict(),
-                "packer": self.packer.state_dict()}
+        """JSON-serialisable position in the global stream (a few counters), the same on every process.
+
+        Between optimizer steps it depends on nothing but the stream; in the middle of a global batch it
+        points at the batch's start and records how far this layout of processes had got.
+        """
+        if self._rows is None:
+            return {"setting": self.setting, "windows": self.windows, **self._position(), "partial": None}
+        return {"setting": self.setting, "windows": self.windows, **self._batch_start,
+                "partial": {"micro": self._micro, **self._layout()}}
 
     def load_state_dict(self, state: dict) -> None:
         saved = state["setting"]
@@ -144,9 +187,18 @@ class MixtureLoader:
             changed = sorted(k for k in self.setting if saved.get(k) != self.setting[k])
             raise DataError(f"loader state was saved with other settings ({', '.join(changed)}): "
                             f"saved {[saved.get(k) for k in changed]}, now {[self.setting[k] for k in changed]}")
-        self.batches = state["batches"]
+        partial = state["partial"]
+        if partial is not None and {k: partial[k] for k in self._layout()} != self._layout():
+            raise DataError(f"loader state was saved in the middle of a global batch (micro-batch {partial['micro']} "
+                            f"of {partial['grad_accum']} on {partial['world_size']} process(es)): it resumes only with "
+                            "the same batch layout; another one needs a state saved between optimizer steps")
+        self.windows = state["windows"]
         self.sampler.load_state_dict(state["sampler"])
         self.packer.load_state_dict(state["packer"], self.sampler.fetch)
+        self._rows, self._micro = None, 0
+        if partial is not None:  # re-pack the interrupted global batch, skip what was given out
+            self._batch_start = self._position()
+            self._rows, self._micro = self._pack_global_batch(), partial["micro"]
 
 
 def validation_batches(dataset: TokenDataset, *, seq_len: int, batch_size: int, domains: list[str] | None = None,

@@ -69,9 +69,19 @@ def checkpoint_blocks(model: nn.Module) -> None:
         block.forward = lambda *args, _inner=inner: checkpoint(_inner, *args, use_reentrant=False)
 
 
+def check_batch_layout(batches, grad_accum: int, parallel) -> None:
+    """A global-batch source that names its `world_size` and `grad_accum` must be cut for this run: otherwise
+    the processes would take the wrong rows of each global batch, or a step would span two of them."""
+    for name, want in (("world_size", parallel.world_size), ("grad_accum", grad_accum)):
+        have = getattr(batches, name, want)
+        if have != want:
+            raise ValueError(f"the batch source is laid out for {name}={have} but this run has {name}={want}: "
+                             "build it with the run's number of processes and gradient accumulation")
+
+
 def load_data_state(batches, states: list, parallel) -> None:
     """Each process takes its own saved stream position; under another process count, the first one's
-    (right for a global stream, and a rank-sharded loader refuses it with its own error)."""
+    (global streams, like MixtureLoader's, save the same state on every process)."""
     batches.load_state_dict(states[parallel.rank] if len(states) == parallel.world_size else states[0])
 
 
@@ -97,11 +107,14 @@ def train(model: nn.Module, batches: Iterator[dict], loss: Loss, config: TrainCo
     """Train `model` for `config.steps` optimizer steps, checkpointing into `run_dir`.
 
     `batches`: an iterator of dicts of int64 tensors tokens/targets (B, T), optional positions/doc_ids, with
-    `state_dict()` / `load_state_dict()` for exact resume. `transforms` run on the model before anything else
+    `state_dict()` / `load_state_dict()` for exact resume; `config.grad_accum` calls make this process's share
+    of one optimizer step (a source with `world_size` / `grad_accum` attributes is checked against the run).
+    `transforms` run on the model before anything else
     (before sharding, compile and the optimizer); one may return a new model. `extra_files` (e.g. the
     tokenizer) are written into every checkpoint folder.
     """
     parallel = parallel or SingleProcess(next(model.parameters()).device)
+    check_batch_layout(batches, config.grad_accum, parallel)
     for transform in transforms:
         model = transform(model) or model
     model.to(parallel.device).train()

@@ -97,10 +97,12 @@ def run_recipe(recipe: Recipe, out: str | Path, *, resume: bool = False,
     if recipe.tokenizer:
         dataset.check_tokenizer(Tokenizer.load(recipe.tokenizer))
     weights = recipe.domain_weights or {name: 1.0 for name in dataset.domains}
-    rows = dict(seq_len=recipe.seq_len, batch_size=recipe.micro_batch_rows, rank=parallel.rank,
-                world_size=parallel.world_size)
-    loader = MixtureLoader(dataset, weights, seed=recipe.seed, **rows)
-    val = list(validation_batches(dataset, max_batches=recipe.val_batches, **rows)) if recipe.eval_every else None
+    processes = dict(rank=parallel.rank, world_size=parallel.world_size)
+    # One global stream: every step takes the next global batch, whatever the number of processes.
+    loader = MixtureLoader(dataset, weights, seq_len=recipe.seq_len, global_batch_size=recipe.global_batch_rows,
+                           grad_accum=grad_accum, seed=recipe.seed, **processes)
+    val = list(validation_batches(dataset, seq_len=recipe.seq_len, batch_size=recipe.micro_batch_rows,
+                                  max_batches=recipe.val_batches, **processes)) if recipe.eval_every else None
     on_gpu = parallel.device.type == "cuda"
     if recipe.loss == "kd":
         teacher = load_teacher(recipe.teacher, recipe.student, recipe.tokenizer,
