@@ -280,3 +280,10 @@ def test_unmasked_packing_is_one_causal_sequence_per_row(dataset):
     last = list(validation_batches(dataset, seq_len=48, batch_size=64, mask_documents=False))[-1]
     padded = last["targets"][-1] == IGNORE_INDEX
     assert padded.any() and (last["doc_ids"][-1][1:][padded[:-1]] == 1).all()
+
+
+
+def test_a_loader_state_in_the_old_per_process_format_is_refused_clearly(dataset):
+    loader = MixtureLoader(dataset, {"long": 1}, seq_len=40, global_batch_size=2)
+    with pytest.raises(DataError, match="older mobilellm"):
+        loader.load_state_dict({"sampler": {"draws": 3, "drawn": {}}, "windows": 0})

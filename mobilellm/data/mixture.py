@@ -182,6 +182,10 @@ class MixtureLoader:
                 "partial": {"micro": self._micro, **self._layout()}}
 
     def load_state_dict(self, state: dict) -> None:
+        missing = sorted({"setting", "partial", "windows", "sampler"} - set(state))
+        if missing:
+            raise DataError(f"loader state lacks {', '.join(missing)}: it was saved by an older mobilellm, whose "
+                            "per-process data streams cannot be continued; restart the data stream")
         saved = state["setting"]
         if saved != self.setting:
             changed = sorted(k for k in self.setting if saved.get(k) != self.setting[k])
