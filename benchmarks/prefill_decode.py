@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.machine import RssSampler, machine_info, write_json  # noqa: E402
 from mobilellm.config import ModelConfig, all_global  # noqa: E402
 from mobilellm.hf import to_hf_name  # noqa: E402
-from mobilellm.infer.engine import decode_one_token, new_cache, prefill  # noqa: E402
+from mobilellm.infer.engine import PREFILL_CHUNK, decode_one_token, new_cache, prefill  # noqa: E402
 from mobilellm.model import build_model  # noqa: E402
 
 PEERS = ("ours-local-global", "ours-all-global", "hf-llama")
@@ -122,6 +122,24 @@ def run_hf(model, tokens, decode_tokens: int) -> dict:
             "decode_cpu_s_per_tok": d_cpu / decode_tokens}
 
 
+def prefill_flops(config: ModelConfig, n: int) -> dict:
+    """Multiply-add FLOPs (x2) of prefilling n tokens: the projections and MLP of every token, and attention's
+    two matmuls over the keys each query sees (causal, or at most `window` for a sliding layer)."""
+    d, hd = config.dim, config.head_dim
+    per_token = 2 * (d * hd * (2 * config.n_heads + 2 * config.n_kv_heads) + 3 * d * config.ffn_dim)
+    pairs = {"full_attention": n * (n + 1) // 2}
+    w = min(config.sliding_window or n, n)
+    pairs["sliding_attention"] = w * (w + 1) // 2 + (n - w) * w
+    attention = sum(4 * config.n_heads * hd * pairs[t] for t in config.layer_types)
+    return {"linear": per_token * n * config.n_layers, "attention": attention}
+
+
+def flop_bound(config: ModelConfig, n: int) -> float:
+    """The most a local/global model can gain over its all-global twin in prefill if time follows FLOPs."""
+    lg, ag = prefill_flops(config, n), prefill_flops(config.replace(layer_types=all_global(config.n_layers)), n)
+    return sum(ag.values()) / sum(lg.values())
+
+
 def compute_ratios(results: dict, peers) -> dict:
     """Ours (local/global) against each peer, per length: > 1 means ours is faster. Wall-clock and CPU-time
     ratios both, since other users' load changes the wall clock between peers."""
@@ -136,6 +154,12 @@ def compute_ratios(results: dict, peers) -> dict:
             row[f"decode_cpu_speedup_vs_{peer}"] = other["decode_cpu_s_per_tok"] / ours["decode_cpu_s_per_tok"]
         ratios[n] = row
     return ratios
+
+
+def flop_bounds(layers: int, lengths) -> dict:
+    full = ModelConfig.from_name("pro-1b")
+    return {str(n): {f"first_{layers}_layers": flop_bound(bench_config(layers), n), "pro-1b_30_layers": flop_bound(full, n)}
+            for n in lengths}
 
 
 def rss_worker(args) -> None:
@@ -166,7 +190,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=10)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2000, 4000, 8000])
     parser.add_argument("--decode-tokens", type=int, default=8)
-    parser.add_argument("--chunk", type=int, default=512, help="our prefill chunk (the committed 10-layer run used 512)")
+    parser.add_argument("--chunk", type=int, default=PREFILL_CHUNK, help="our prefill chunk")
     parser.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--rss-worker", action="store_true", help=argparse.SUPPRESS)
@@ -217,6 +241,7 @@ def main() -> None:
                  f"({bench_config(args.layers).layer_types.count('full_attention')} global), fp32, random weights",
         "prefill_chunk": args.chunk, "decode_tokens": args.decode_tokens,
         "machine": machine_info(), "results": results, "ratios": ratios, "peak_memory": memory,
+        "flop_bound_prefill_speedup_vs_all_global": flop_bounds(args.layers, args.lengths),
     })
     print(json.dumps(ratios, indent=2))
 

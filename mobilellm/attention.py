@@ -7,6 +7,8 @@ key slot's position says where it came from and -1 marks an empty slot.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -73,6 +75,8 @@ def attend(
     backend: str = "sdpa",
 ) -> torch.Tensor:
     """Scaled dot-product attention with grouped KV heads; returns (B, H, Tq, hd)."""
+    if isinstance(mask, CachedChunk):
+        return attend_cached_chunk(q, k, v, mask)
     if backend == "flex":
         return flex_attend(q, k, v, mask)
     if backend == "sdpa":
@@ -94,3 +98,80 @@ def eager_attention(q, k, v, mask):
         mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
     scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
+# ---- a chunk of queries against a KV cache (prefill and decode) ------------------------------------
+
+@dataclass(frozen=True)
+class CachedChunk:
+    """What the cache handed a chunk of T queries: keys whose last T are the chunk's own, in position order,
+    after the past (every earlier position for a global layer; the ring of `window` slots, oldest position
+    anywhere, for a sliding layer). Knowing that layout, attention skips the masked work a boolean mask
+    over all keys would still do."""
+    layer_type: str  # "full_attention" or "sliding_attention"
+    q_pos: torch.Tensor  # (B, T)
+    k_pos: torch.Tensor  # (B, Tk), -1 for an empty slot
+    window: int | None
+
+
+def attend_cached_chunk(q, k, v, chunk: CachedChunk) -> torch.Tensor:
+    T = q.shape[2]
+    n_past = k.shape[2] - T
+    if chunk.layer_type == "full_attention":
+        if T == 1:  # one query at the newest position: every cached key is visible
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
+        return _past_plus_causal(q, k, v, n_past)
+    if T > 1 and n_past == chunk.window:
+        return _banded(q, k, v, chunk)
+    mask = attention_mask(chunk.layer_type, chunk.q_pos, chunk.k_pos, window=chunk.window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _flash_with_lse(q, k, v, causal: bool):
+    """Attention output (B, H, T, hd) and the log-sum-exp of each query's scores (B, H, T)."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=causal)[:2]
+    return out, lse
+
+
+def _past_plus_causal(q, k, v, n_past: int) -> torch.Tensor:
+    """A global layer's chunk: all past keys unmasked, its own keys causally, merged by log-sum-exp (as
+    flash-decoding merges splits). The past part folds each KV head's query group into one sequence, so
+    grouped heads need no key copies; the causal part is T x T."""
+    B, H, T, hd = q.shape
+    n_kv = k.shape[1]
+    groups = H // n_kv
+    own_k, own_v = k[:, :, n_past:], v[:, :, n_past:]
+    if groups > 1:
+        own_k, own_v = own_k.repeat_interleave(groups, dim=1), own_v.repeat_interleave(groups, dim=1)
+    out, lse = _flash_with_lse(q, own_k, own_v, causal=True)
+    if n_past == 0:
+        return out
+    folded = q.reshape(B, n_kv, groups * T, hd)  # heads of one KV group are adjacent
+    past_out, past_lse = _flash_with_lse(folded, k[:, :, :n_past], v[:, :, :n_past], causal=False)
+    past_out, past_lse = past_out.reshape(B, H, T, hd), past_lse.reshape(B, H, T)
+    top = torch.maximum(lse, past_lse)
+    w_own, w_past = (lse - top).exp()[..., None], (past_lse - top).exp()[..., None]
+    return ((out * w_own + past_out * w_past) / (w_own + w_past)).to(q.dtype)
+
+
+def _banded(q, k, v, chunk: CachedChunk) -> torch.Tensor:
+    """A sliding layer's chunk, keys = [ring of W slots, the chunk's T keys]: queries in blocks of W, block j
+    against keys [jW, (j + 2)W) (the W positions before it and itself), so the work is T x 2W, not T x (W + T)."""
+    B, H, T, hd = q.shape
+    W = chunk.window
+    nb = -(-T // W)
+    pad = nb * W - T
+    q_pos, k_pos = chunk.q_pos, chunk.k_pos
+    if pad:  # padded queries see nothing and are dropped; padded keys are empty slots
+        q = F.pad(q, (0, 0, 0, pad))
+        k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
+        q_pos, k_pos = F.pad(q_pos, (0, pad), value=-1), F.pad(k_pos, (0, pad), value=-1)
+    qb = q.unflatten(2, (nb, W)).transpose(1, 2).flatten(0, 1)  # (B * nb, H, W, hd)
+    kb = k.unfold(2, 2 * W, W).permute(0, 2, 1, 4, 3).flatten(0, 1)  # (B * nb, n_kv, 2W, hd)
+    vb = v.unfold(2, 2 * W, W).permute(0, 2, 1, 4, 3).flatten(0, 1)
+    qp = q_pos.unflatten(1, (nb, W)).flatten(0, 1)  # (B * nb, W)
+    kp = k_pos.unfold(1, 2 * W, W).flatten(0, 1)  # (B * nb, 2W)
+    mask = attention_mask("sliding_attention", qp, kp, window=W) & (qp >= 0)[:, None, :, None]
+    mask |= ~mask.any(-1, keepdim=True)  # a padded query row: let it see anything rather than nothing (no NaN)
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=kb.shape[1] != H)
+    return out.unflatten(0, (B, nb)).transpose(1, 2).flatten(2, 3)[:, :, :T]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attend, attention_mask, flex_block_mask
+from .attention import CachedChunk, attend, attention_mask, flex_block_mask
 from .config import ModelConfig
 
 
@@ -118,19 +118,24 @@ class MaskCache:
     """Builds each layer type's mask once per forward; layers look theirs up.
 
     Plain causal attention over the tokens themselves (no cache, no documents) needs no mask at all:
-    the backend's causal path is faster. FlexAttention serves training and full forwards; decoding against
-    a cache (a few queries over many slots) stays on SDPA.
+    the backend's causal path is faster. FlexAttention serves training and full forwards. Against a cache
+    (chunked prefill, decode), global and sliding layers get a CachedChunk instead of a mask (see
+    attention.attend_cached_chunk); the eager backend keeps explicit masks as the reference.
     """
 
     def __init__(self, config: ModelConfig, positions, doc_ids, backend: str, has_cache: bool):
         self.config, self.positions, self.doc_ids = config, positions, doc_ids
         self.backend = "sdpa" if backend == "flex" and has_cache else backend
         self.plain_causal_ok = doc_ids is None and not has_cache and self.backend != "flex"
+        # Against a cache, the layout of the keys it returns lets attention skip masked work (CachedChunk).
+        self.cached_chunks = has_cache and doc_ids is None and self.backend == "sdpa"
         self._masks: dict[str, torch.Tensor | None] = {}
 
     def get(self, layer_type: str, k_pos: torch.Tensor):
         if layer_type not in self._masks:
-            if layer_type == "full_attention" and self.plain_causal_ok:
+            if self.cached_chunks and layer_type in ("full_attention", "sliding_attention"):
+                self._masks[layer_type] = CachedChunk(layer_type, self.positions, k_pos, self.config.sliding_window)
+            elif layer_type == "full_attention" and self.plain_causal_ok:
                 self._masks[layer_type] = None
             else:
                 build = flex_block_mask if self.backend == "flex" else attention_mask
