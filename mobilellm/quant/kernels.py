@@ -41,17 +41,23 @@ def load_extension():
     # Named by content: two checkouts with different kernels never overwrite each other's build.
     digest = hashlib.sha1(_SOURCE.read_bytes()).hexdigest()[:12]
     try:
-        return load(name=f"mobilellm_int4_linear_{digest}", sources=[str(_SOURCE)],
-                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        ext = load(name=f"mobilellm_int4_linear_{digest}", sources=[str(_SOURCE)],
+                   extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                   extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # a missing compiler must not break inference: fall back, say why
         log.warning("int4 C++ kernels unavailable (%s); using the PyTorch reference path", err)
         return None
+    # The build registers torch.ops.mobilellm.*; their output shapes, for torch.compile:
+    torch.library.register_fake("mobilellm::int4_linear_a8")(
+        lambda x, packed, scales, correction, group_size: x.new_empty(x.shape[0], packed.shape[0]))
+    torch.library.register_fake("mobilellm::int4_linear_f32")(
+        lambda x, packed, scales, group_size: x.new_empty(x.shape[0], packed.shape[0]))
+    return ext
 
 
 def default_backend() -> str:
-    if os.environ.get("MOBILELLM_INT4_BACKEND"):
-        backend = os.environ["MOBILELLM_INT4_BACKEND"]
+    backend = os.environ.get("MOBILELLM_INT4_BACKEND")
+    if backend:
         if backend not in BACKENDS:
             raise ValueError(f"MOBILELLM_INT4_BACKEND must be one of {BACKENDS}, got {backend!r}")
         return backend
@@ -73,49 +79,25 @@ def row_correction(packed: torch.Tensor, scales: torch.Tensor, group_size: int) 
     return load_extension().int4_row_correction(packed, scales, group_size)
 
 
-# The C++ kernels as torch ops, so torch.compile traces a quantized model in one graph (a pybind call
-# would break it at every linear layer).
-@torch.library.custom_op("mobilellm::int4_linear_a8", mutates_args=())
-def _int4_linear_a8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, correction: torch.Tensor,
-                    group_size: int) -> torch.Tensor:
-    return load_extension().int4_linear_a8(x, packed, scales, correction, group_size)
-
-
-@torch.library.custom_op("mobilellm::int4_linear_f32", mutates_args=())
-def _int4_linear_f32(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    return load_extension().int4_linear_f32(x, packed, scales, group_size)
-
-
-@_int4_linear_a8.register_fake
-def _(x, packed, scales, correction, group_size):
-    return x.new_empty(x.shape[0], packed.shape[0])
-
-
-@_int4_linear_f32.register_fake
-def _(x, packed, scales, group_size):
-    return x.new_empty(x.shape[0], packed.shape[0])
-
-
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int,
                 int8_activations: bool, backend: str | None = None,
                 correction: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) -> (..., N) in x's dtype. `correction`: row_correction(packed, scales, group_size), cached
-    by the caller (computed here when missing)."""
+    by the caller (computed here when missing). Lean on purpose: a decode step makes 200+ of these calls."""
     backend = backend or default_backend()
-    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-    if backend == "cpp" and int8_activations and x.shape[-1] % 64:
-        backend = "reference"  # the cpp kernel takes 32-column blocks in pairs
-    if backend == "cpp":
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)  # (M, K)
+    if backend == "cpp" and (K % 64 == 0 or not int8_activations):  # the a8 kernel takes 32-blocks in pairs
         if load_extension() is None:
             raise RuntimeError("the int4 C++ kernels are not available on this machine (no AVX2 or no compiler)")
         if int8_activations:
             if correction is None:
                 correction = row_correction(packed, scales, group_size)
-            y = _int4_linear_a8(x2.float().contiguous(), packed, scales, correction, group_size)
+            y = torch.ops.mobilellm.int4_linear_a8(x2.float().contiguous(), packed, scales, correction, group_size)
         else:
-            y = _int4_linear_f32(x2.float().contiguous(), packed, scales, group_size)
-    elif backend == "reference":
+            y = torch.ops.mobilellm.int4_linear_f32(x2.float().contiguous(), packed, scales, group_size)
+    elif backend in BACKENDS:
         y = int4_linear_reference(x2, packed, scales, group_size, int8_activations)
     else:
         raise ValueError(f"unknown int4 backend {backend!r}; expected one of {BACKENDS}")
-    return y.to(x.dtype).reshape(*x.shape[:-1], packed.shape[0])
+    return y.view(*x.shape[:-1], -1).to(x.dtype)

@@ -26,21 +26,23 @@ class QuantizedLinear(nn.Module):
         self.group_size, self.int8_activations = group_size, int8_activations
         self.register_buffer("packed_weight", packed, persistent=not shared)  # (N, K/2) uint8
         self.register_buffer("weight_scale", scales, persistent=not shared)  # (N, K/group)
+        self._correction_key, self._correction_value = None, None
 
     def forward(self, x):  # (..., K) -> (..., N)
         backend = default_backend()
-        correction = None
-        if backend == "cpp" and self.int8_activations:
-            # Under torch.compile the weights are taken as fixed: the value of the last eager call is used.
-            correction = self._correction_value if torch.compiler.is_compiling() else self._correction()
+        correction = self._correction() if self.int8_activations and backend == "cpp" else None
         return int4_linear(x, self.packed_weight, self.weight_scale, self.group_size, self.int8_activations,
                            backend, correction)
 
     def _correction(self) -> torch.Tensor:
-        """The kernel's per-row constant, recomputed only when the weights change (a load, an in-place copy)."""
-        key = tuple((t.data_ptr(), t._version) for t in (self.packed_weight, self.weight_scale))
-        if getattr(self, "_correction_key", None) != key:
-            self._correction_value = row_correction(self.packed_weight, self.weight_scale, self.group_size)
+        """The kernel's per-row constant, recomputed only when the weights change (a load, an in-place copy).
+        Under torch.compile the weights are taken as fixed: the last eager call's value is used."""
+        if torch.compiler.is_compiling():
+            return self._correction_value
+        w, s = self.packed_weight, self.weight_scale
+        key = (w.data_ptr(), w._version, s.data_ptr(), s._version)
+        if self._correction_key != key:
+            self._correction_value = row_correction(w, s, self.group_size)
             self._correction_key = key
         return self._correction_value
 
