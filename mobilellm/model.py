@@ -35,23 +35,30 @@ def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (B, T, 1, head_dim/2) for integer positions (B, T)."""
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotation tables of `apply_rope` for integer positions (B, T): each (B, T, 1, head_dim)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
-    return angles.cos()[:, :, None], angles.sin()[:, :, None]
+    return rotation_tables(angles.cos()[:, :, None], angles.sin()[:, :, None], layout)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
-    """Rotate x (B, T, n, hd). 'half' pairs dims (i, i+hd/2); 'interleaved' pairs (2i, 2i+1)."""
+def rotation_tables(cos: torch.Tensor, sin: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (..., hd/2) spread over head_dim as apply_rope pairs the dims, the sign of sin folded in."""
+    if layout == "half":
+        return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+    return cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], layout: str) -> torch.Tensor:
+    """Rotate x (B, T, n, hd). 'half' pairs dims (i, i+hd/2); 'interleaved' pairs (2i, 2i+1). Each dim's
+    output is x * cos + partner * (+-sin): three elementwise ops, since the tables are built once per forward."""
+    cos, sin = tables
     xf = x.float()
     if layout == "half":
-        x1, x2 = xf.chunk(2, dim=-1)
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        partner = xf.roll(x.shape[-1] // 2, dims=-1)
     else:
-        x1, x2 = xf.unflatten(-1, (-1, 2)).unbind(-1)
-        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    return out.type_as(x)
+        partner = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (xf * cos + partner * sin).type_as(x)
 
 
 class Attention(nn.Module):
@@ -74,7 +81,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if self.use_rope:
-            q, k = apply_rope(q, *rope, cfg.rope_layout), apply_rope(k, *rope, cfg.rope_layout)
+            q, k = apply_rope(q, rope, cfg.rope_layout), apply_rope(k, rope, cfg.rope_layout)
             if cfg.qk_norm:
                 q, k = l2_norm(q, cfg.norm_eps), l2_norm(k, cfg.norm_eps)
         elif cfg.attn_temperature_tuning:
@@ -176,7 +183,7 @@ class Transformer(nn.Module):
         if positions is None:
             start = cache.next_position if cache is not None else 0
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-        rope = rope_angles(positions, self.config.head_dim, self.config.rope_theta)
+        rope = rope_angles(positions, self.config.head_dim, self.config.rope_theta, self.config.rope_layout)
         masks = MaskCache(self.config, positions, doc_ids, self.attn_backend, cache is not None)
         x = self.embed_tokens(tokens)
         for block in self.layers:

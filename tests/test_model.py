@@ -7,7 +7,7 @@ import torch
 
 from mobilellm.attention import attention_mask
 from mobilellm.config import ModelConfig
-from mobilellm.model import apply_rope, build_model
+from mobilellm.model import apply_rope, build_model, rotation_tables
 
 
 def naive_attention(q, k, v, allowed):
@@ -91,8 +91,8 @@ def test_rope_layouts_are_the_same_rotation_up_to_a_permutation():
     angles = torch.arange(5.0)[None, :, None, None] * torch.tensor([1.0, 0.1, 0.01, 0.001])
     cos, sin = angles.cos(), angles.sin()
     perm = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])  # interleaved pairs (2i, 2i+1) -> halves (i, i+4)
-    half = apply_rope(x[..., perm], cos, sin, "half")
-    inter = apply_rope(x, cos, sin, "interleaved")
+    half = apply_rope(x[..., perm], rotation_tables(cos, sin, "half"), "half")
+    inter = apply_rope(x, rotation_tables(cos, sin, "interleaved"), "interleaved")
     torch.testing.assert_close(half, inter[..., perm])
     torch.testing.assert_close(inter.norm(dim=-1), x.norm(dim=-1))  # a rotation keeps lengths
 
