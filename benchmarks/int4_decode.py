@@ -37,7 +37,7 @@ from mobilellm.quant.checkpoint import quantized_skeleton, save_quantized  # noq
 from mobilellm.quant.kernels import int4_linear, load_extension, row_correction  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import machine_info  # noqa: E402
+from machine import machine_info, read_bandwidth  # noqa: E402
 
 SHAPES = {"q/o_proj": (1280, 1280), "k/v_proj": (256, 1280), "gate/up_proj": (6144, 1280),
           "down_proj": (1280, 6144), "lm_head": (202048, 1280)}  # weight (out, in)
@@ -54,12 +54,6 @@ def timeit(fn, min_time=0.4, max_reps=200) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-def read_bandwidth(nbytes=512 * 2**20) -> float:
-    """Bytes/s of a streaming read (sum of a large fp32 tensor, far beyond the caches)."""
-    x = torch.ones(nbytes // 4)
-    return nbytes / timeit(lambda: x.sum(), min_time=1.0)
 
 
 def int4_weight(n, k, group, scale_dtype=torch.float16):
@@ -85,7 +79,26 @@ def aten_dyn_quant(packed, scales, group, k, n):
     return lambda x: torch.ops.aten._dyn_quant_matmul_4bit(x, w, group, k, n)
 
 
+COLD_BYTES = 256 * 2**20  # > the L3 cache: copies of a matrix cycled so each call reads it from memory
+
+
+def cold_copies(nbytes: int) -> int:
+    return max(1, -(-COLD_BYTES // nbytes))
+
+
+def cycling(calls):
+    """One callable that runs the given ones in turn (each on its own copy of the weights)."""
+    state = {"i": 0}
+
+    def call():
+        calls[state["i"] % len(calls)]()
+        state["i"] += 1
+    return call
+
+
 def bench_matrices(bandwidth: float, with_aten: bool) -> dict:
+    """Per matrix, one decode GEMV, weights read from memory (not the caches): every variant cycles through
+    copies of its weights adding up to > 256 MB, as a model's layers follow one another."""
     results = {}
     for name, (n, k) in SHAPES.items():
         x = torch.randn(1, k)
@@ -93,19 +106,22 @@ def bench_matrices(bandwidth: float, with_aten: bool) -> dict:
         int4_bytes = packed.numel() + scales.numel() * scales.element_size()
         row = {"shape_out_in": [n, k], "int4_bytes": int4_bytes,
                "roofline_int4_s": int4_bytes / bandwidth}
-        corr = row_correction(packed, scales, 32)  # once per matrix, as QuantizedLinear caches it
-        row["int4_a8_s"] = timeit(lambda: int4_linear(x, packed, scales, 32, True, backend="cpp", correction=corr))
-        row["int4_weight_only_s"] = timeit(lambda: int4_linear(x, packed, scales, 32, False, backend="cpp"))
+        copies = [(packed, scales)] + [int4_weight(n, k, 32) for _ in range(cold_copies(int4_bytes) - 1)]
+        corrs = [row_correction(p, s, 32) for p, s in copies]  # once per matrix, as QuantizedLinear caches it
+        row["int4_a8_s"] = timeit(cycling([lambda p=p, s=s, c=c: int4_linear(x, p, s, 32, True, "cpp", c)
+                                           for (p, s), c in zip(copies, corrs)]))
+        row["int4_weight_only_s"] = timeit(cycling([lambda p=p, s=s: int4_linear(x, p, s, 32, False, "cpp")
+                                                    for p, s in copies]))
+        del copies, corrs
         if with_aten and n <= 8192:
             row["aten_int4pack_mm_s"] = timeit(lambda f=aten_int4pack(packed, scales, 32): f(x))
             row["aten_dyn_quant_matmul_4bit_s"] = timeit(lambda f=aten_dyn_quant(packed, scales, 32, k, n): f(x))
-        w = torch.randn(n, k)
-        row["fp32_s"] = timeit(lambda: x @ w.T)
-        del w
-        wb, xb = torch.randn(n, k, dtype=torch.bfloat16), x.bfloat16()
-        row["bf16_s"] = timeit(lambda: xb @ wb.T)
-        del wb
-        gc.collect()
+        for dtype, key in ((torch.float32, "fp32_s"), (torch.bfloat16, "bf16_s")):
+            xd = x.to(dtype)
+            weights = [torch.randn(n, k, dtype=dtype) for _ in range(cold_copies(n * k * xd.element_size()))]
+            row[key] = timeit(cycling([lambda w=w: xd @ w.T for w in weights]))
+            del weights
+            gc.collect()
         row["speedup_vs_fp32"] = row["fp32_s"] / row["int4_a8_s"]
         row["speedup_vs_bf16"] = row["bf16_s"] / row["int4_a8_s"]
         row["fraction_of_roofline"] = row["roofline_int4_s"] / row["int4_a8_s"]

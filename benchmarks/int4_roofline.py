@@ -19,41 +19,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.machine import machine_info, peak_rss_mib, write_json  # noqa: E402
+from benchmarks.int4_decode import random_int4_model  # noqa: E402
+from benchmarks.machine import machine_info, peak_rss_mib, read_bandwidth, write_json  # noqa: E402
 from mobilellm.config import ModelConfig  # noqa: E402
 from mobilellm.infer.engine import decode_one_token, new_cache, prefill  # noqa: E402
 from mobilellm.quant import QuantConfig  # noqa: E402
-from mobilellm.quant.checkpoint import quantized_skeleton  # noqa: E402
 from mobilellm.quant.kernels import default_backend  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "int4_roofline.json"
-
-
-def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
-    x = torch.ones(int(gib * 2**30) // 4)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - start)
-    return x.numel() * 4 / best / 1e9
-
-
-def random_int4_model(config: ModelConfig, scheme: QuantConfig):
-    model = quantized_skeleton(config, scheme).to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, buf in model.named_buffers():
-            if buf.dtype == torch.uint8:
-                buf.copy_(torch.randint(0, 256, buf.shape, generator=gen, dtype=torch.uint8))
-            else:  # scales of N(0, 0.02) weights: max|w| / 7.5 over a group of 32
-                buf.fill_(0.05 / 7.5)
-        for p in model.parameters():  # the norms
-            p.fill_(1.0)
-    if config.tie_embeddings:  # to_empty gave the tied head its own copy: share the table again
-        model.lm_head.packed_weight = model.embed_tokens.packed_weight
-        model.lm_head.weight_scale = model.embed_tokens.weight_scale
-    return model.eval()
 
 
 def weight_bytes_per_token(model) -> int:
@@ -85,12 +58,12 @@ def main() -> None:
     cache = new_cache(model, max_len=args.prompt + args.decode_tokens + 1, int8=scheme.kv_int8)
     logits = prefill(model, tokens, cache)
     logits = decode_one_token(model, logits.argmax(-1, keepdim=True), cache)  # warm-up step
-    bandwidth_before = read_bandwidth_gbs()
+    bandwidth_before = read_bandwidth() / 1e9
     start = time.perf_counter()
     for _ in range(args.decode_tokens):
         logits = decode_one_token(model, logits.argmax(-1, keepdim=True), cache)
     tok_s = args.decode_tokens / (time.perf_counter() - start)
-    bandwidth = max(bandwidth_before, read_bandwidth_gbs())  # before and after: the machine is shared
+    bandwidth = max(bandwidth_before, read_bandwidth() / 1e9)  # before and after: the machine is shared
     kv_bytes = cache.nbytes()  # upper bound on what attention reads at this context
     roofline_tok_s = bandwidth * 1e9 / (weights + kv_bytes)
     result = {

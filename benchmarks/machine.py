@@ -12,7 +12,21 @@ from pathlib import Path
 import torch
 
 
-def machine_info() -> dict:
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes/s of a streaming read on this process's threads: the best of `repeats` sums over a `gib` GiB fp32
+    tensor, far beyond the caches. The memory roofline every decode benchmark compares against."""
+    import time
+
+    x = torch.ones(int(gib * 2**30) // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
+
+
+def machine_info(note: str | None = None) -> dict:
     cpu = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -24,8 +38,8 @@ def machine_info() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
             "python": platform.python_version(),
-            "note": "shared machine: 2 cores used by five engineers at once; compare ratios within one run, "
-                    "absolute times are noisy"}
+            "note": note or "shared machine: other jobs may run beside this one; compare ratios within one run, "
+                            "absolute times are noisy"}
 
 
 def peak_rss_mib() -> float:
