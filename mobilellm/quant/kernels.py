@@ -55,6 +55,7 @@ def load_extension():
     return ext
 
 
+@torch.compiler.assume_constant_result  # a compiled model bakes its backend in
 def default_backend() -> str:
     backend = os.environ.get("MOBILELLM_INT4_BACKEND")
     if backend:
@@ -88,7 +89,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, gro
     K = x.shape[-1]
     x2 = x.reshape(-1, K)  # (M, K)
     if backend == "cpp" and (K % 64 == 0 or not int8_activations):  # the a8 kernel takes 32-blocks in pairs
-        if load_extension() is None:
+        if not torch.compiler.is_compiling() and load_extension() is None:
             raise RuntimeError("the int4 C++ kernels are not available on this machine (no AVX2 or no compiler)")
         if int8_activations:
             if correction is None:
