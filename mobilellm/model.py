@@ -130,12 +130,15 @@ class MaskCache:
     attention.attend_cached_chunk); the eager backend keeps explicit masks as the reference.
     """
 
-    def __init__(self, config: ModelConfig, positions, doc_ids, backend: str, has_cache: bool):
+    def __init__(self, config: ModelConfig, positions, doc_ids, backend: str, cache=None):
+        has_cache = cache is not None
         self.config, self.positions, self.doc_ids = config, positions, doc_ids
         self.backend = "sdpa" if backend == "flex" and has_cache else backend
         self.plain_causal_ok = doc_ids is None and not has_cache and self.backend != "flex"
-        # Against a cache, the layout of the keys it returns lets attention skip masked work (CachedChunk).
-        self.cached_chunks = has_cache and doc_ids is None and self.backend == "sdpa"
+        # A cache that returns keys as [every past key, the chunk's own] (infer.KVCache says so) lets attention
+        # skip masked work (CachedChunk); other caches (e.g. eval's prefix cache, with padding) get masks.
+        self.cached_chunks = (getattr(cache, "keys_past_then_chunk", False) and doc_ids is None
+                              and self.backend == "sdpa")
         self._masks: dict[str, torch.Tensor | None] = {}
 
     def get(self, layer_type: str, k_pos: torch.Tensor):
@@ -184,7 +187,7 @@ class Transformer(nn.Module):
             start = cache.next_position if cache is not None else 0
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
         rope = rope_angles(positions, self.config.head_dim, self.config.rope_theta, self.config.rope_layout)
-        masks = MaskCache(self.config, positions, doc_ids, self.attn_backend, cache is not None)
+        masks = MaskCache(self.config, positions, doc_ids, self.attn_backend, cache)
         x = self.embed_tokens(tokens)
         for block in self.layers:
             x = block(x, rope, positions, masks, cache)

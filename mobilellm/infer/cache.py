@@ -75,6 +75,10 @@ class KVStore:
 class KVCache:
     """Per-layer KV storage that knows each layer's attention type (ring for sliding, full for global)."""
 
+    # update() returns keys as [past, the chunk's own T keys]: the past is every earlier position (global
+    # layers) or the ring (sliding), so attention can skip masked work (mobilellm.attention.CachedChunk).
+    keys_past_then_chunk = True
+
     def __init__(self, config: ModelConfig, max_len: int, batch: int = 1, dtype: torch.dtype = torch.float32,
                  int8: bool = False, device="cpu"):
         if max_len <= 0:
