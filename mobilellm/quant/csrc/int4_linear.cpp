@@ -12,8 +12,15 @@
 #include <immintrin.h>
 #include <cmath>
 
+// Measured on pro-1b's shapes with the weights read from memory (benchmarks/int4_decode.py): one row at a
+// time (a single sequential stream, which the hardware prefetcher follows best) reached 75-81% of the read
+// roofline on one core, 4 interleaved rows 60-69%, 8 rows 41-59%; prefetch distances of 512-1024 bytes
+// were alike, 384 and below worse.
+#ifndef ROWS_PER_BLOCK
+#define ROWS_PER_BLOCK 1
+#endif
 #ifndef PREFETCH_BYTES
-#define PREFETCH_BYTES 384  // measured best of 128-512 on the 202k x 1280 LM head
+#define PREFETCH_BYTES 768
 #endif
 
 namespace {
@@ -105,8 +112,7 @@ inline void a8_dot(const uint8_t* um, const float* usum, float xs, float zpu, co
     const __m256i ub = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(um + b * 32 + 32));
     for (int r = 0; r < R; ++r) {
       const uint8_t* p = w + r * row_bytes + b * 16;
-      // One prefetch per 64-byte line, a few lines ahead: the hardware prefetcher alone left a 145 MB LM head
-      // at ~1/4 of the measured read bandwidth.
+      // One prefetch per 64-byte line, a few lines ahead (see PREFETCH_BYTES).
       if ((b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH_BYTES), _MM_HINT_T0);
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
       const __m256i lo = _mm256_and_si256(wv, mask), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), mask);
@@ -144,9 +150,9 @@ void block_scales(const S* sc, int64_t rows, int64_t K, int64_t G, float* out) {
 template <typename S>
 void a8_rows(const uint8_t* u, const float* usum, const float* xs, const int32_t* zpu, int64_t M, const uint8_t* w,
              const S* sc, const float* corr, int64_t N, int64_t K, int64_t G, float* y) {
-  constexpr int R = 4;
+  constexpr int R = ROWS_PER_BLOCK;
   const int64_t n_blocks = K / 32, row_bytes = K / 2;
-  // Weight block outer, tokens inner: R weight rows stay in L1 while every token (prefill) passes by.
+  // Weight rows outer, tokens inner: a row stays in L1 while every token (prefill) passes by.
   at::parallel_for(0, (N + R - 1) / R, 16, [&](int64_t b0, int64_t b1) {
     std::vector<float> scf(R * n_blocks + 8);  // padded: the off loop reads 8 at a time
     float out[R];
