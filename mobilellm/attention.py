@@ -112,6 +112,7 @@ class CachedChunk:
     q_pos: torch.Tensor  # (B, T)
     k_pos: torch.Tensor  # (B, Tk), -1 for an empty slot
     window: int | None
+    start: int  # tokens cached before this chunk
 
 
 def attend_cached_chunk(q, k, v, chunk: CachedChunk) -> torch.Tensor:
@@ -123,6 +124,9 @@ def attend_cached_chunk(q, k, v, chunk: CachedChunk) -> torch.Tensor:
         return _past_plus_causal(q, k, v, n_past)
     if T > 1 and n_past == chunk.window:
         return _banded(q, k, v, chunk)
+    if T == 1 and n_past == chunk.window - 1 and chunk.start + 1 >= chunk.window:
+        # decode against a full ring: its slots hold exactly the window before this token, all visible
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
     mask = attention_mask(chunk.layer_type, chunk.q_pos, chunk.k_pos, window=chunk.window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
@@ -154,23 +158,32 @@ def _past_plus_causal(q, k, v, n_past: int) -> torch.Tensor:
     return ((out * w_own + past_out * w_past) / (w_own + w_past)).to(q.dtype)
 
 
-def _banded(q, k, v, chunk: CachedChunk) -> torch.Tensor:
-    """A sliding layer's chunk, keys = [ring of W slots, the chunk's T keys]: queries in blocks of W, block j
-    against keys [jW, (j + 2)W) (the W positions before it and itself), so the work is T x 2W, not T x (W + T)."""
+def _banded(q, k, v, chunk: CachedChunk, block: int | None = None) -> torch.Tensor:
+    """A sliding layer's chunk, keys = [ring of W slots, the chunk's T keys]: queries in blocks of `block`,
+    block j against the W + block keys from W - 1 before its first query to its last, so the work is
+    T x (W + block) instead of T x (W + T). Smaller blocks waste less (a quarter of the window: 1.25 W
+    per query) while each stays big enough to run at full speed."""
     B, H, T, hd = q.shape
     W = chunk.window
-    nb = -(-T // W)
-    pad = nb * W - T
+    bq = block or (W // 4 if W % 4 == 0 and W >= 64 else W)
+    span = W + bq
+    nb = -(-T // bq)
+    pad = nb * bq - T
     q_pos, k_pos = chunk.q_pos, chunk.k_pos
+    shift = chunk.start % W
+    if shift and bq < W:  # ring slots in position order, so that a band of keys is a run of positions
+        order = (torch.arange(W, device=k.device) + shift) % W
+        order = torch.cat([order, torch.arange(W, k.shape[2], device=k.device)])
+        k, v, k_pos = k[:, :, order], v[:, :, order], k_pos[:, order]
     if pad:  # padded queries see nothing and are dropped; padded keys are empty slots
         q = F.pad(q, (0, 0, 0, pad))
         k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
         q_pos, k_pos = F.pad(q_pos, (0, pad), value=-1), F.pad(k_pos, (0, pad), value=-1)
-    qb = q.unflatten(2, (nb, W)).transpose(1, 2).flatten(0, 1)  # (B * nb, H, W, hd)
-    kb = k.unfold(2, 2 * W, W).permute(0, 2, 1, 4, 3).flatten(0, 1)  # (B * nb, n_kv, 2W, hd)
-    vb = v.unfold(2, 2 * W, W).permute(0, 2, 1, 4, 3).flatten(0, 1)
-    qp = q_pos.unflatten(1, (nb, W)).flatten(0, 1)  # (B * nb, W)
-    kp = k_pos.unfold(1, 2 * W, W).flatten(0, 1)  # (B * nb, 2W)
+    qb = q.unflatten(2, (nb, bq)).transpose(1, 2).flatten(0, 1)  # (B * nb, H, bq, hd)
+    kb = k.unfold(2, span, bq).permute(0, 2, 1, 4, 3).flatten(0, 1)  # (B * nb, n_kv, W + bq, hd)
+    vb = v.unfold(2, span, bq).permute(0, 2, 1, 4, 3).flatten(0, 1)
+    qp = q_pos.unflatten(1, (nb, bq)).flatten(0, 1)  # (B * nb, bq)
+    kp = k_pos.unfold(1, span, bq).flatten(0, 1)  # (B * nb, W + bq)
     mask = attention_mask("sliding_attention", qp, kp, window=W) & (qp >= 0)[:, None, :, None]
     mask |= ~mask.any(-1, keepdim=True)  # a padded query row: let it see anything rather than nothing (no NaN)
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=kb.shape[1] != H)

@@ -139,12 +139,14 @@ class MaskCache:
         # skip masked work (CachedChunk); other caches (e.g. eval's prefix cache, with padding) get masks.
         self.cached_chunks = (getattr(cache, "keys_past_then_chunk", False) and doc_ids is None
                               and self.backend == "sdpa")
+        self.start = cache.next_position if self.cached_chunks else 0
         self._masks: dict[str, torch.Tensor | None] = {}
 
     def get(self, layer_type: str, k_pos: torch.Tensor):
         if layer_type not in self._masks:
             if self.cached_chunks and layer_type in ("full_attention", "sliding_attention"):
-                self._masks[layer_type] = CachedChunk(layer_type, self.positions, k_pos, self.config.sliding_window)
+                self._masks[layer_type] = CachedChunk(layer_type, self.positions, k_pos, self.config.sliding_window,
+                                                      self.start)
             elif layer_type == "full_attention" and self.plain_causal_ok:
                 self._masks[layer_type] = None
             else:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mobilellm.attention import CachedChunk, attend_cached_chunk, attention_mask, eager_attention
+from mobilellm.attention import CachedChunk, _banded, attend_cached_chunk, attention_mask, eager_attention
 from mobilellm.config import ModelConfig
 from mobilellm.infer.cache import ring_positions
 from mobilellm.infer.engine import new_cache, prefill_chunks
@@ -27,7 +27,17 @@ def test_sliding_chunk_against_its_ring_matches_the_mask(start, T):
     q_pos = torch.arange(start, start + T)[None]
     k_pos = torch.cat([ring_positions(start, W), q_pos[0]])[None] if T > 1 else ring_positions(start + 1, W)[None]
     q, k, v = qkv(T, k_pos.shape[1], seed=start + T)
-    got = attend_cached_chunk(q, k, v, CachedChunk("sliding_attention", q_pos, k_pos, W))
+    got = attend_cached_chunk(q, k, v, CachedChunk("sliding_attention", q_pos, k_pos, W, start))
+    torch.testing.assert_close(got, reference(q, k, v, "sliding_attention", q_pos, k_pos), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block", [1, 2, 4, 8])
+@pytest.mark.parametrize("start,T", [(0, 5), (0, 19), (13, 8), (13, 21), (40, 3)])
+def test_sliding_bands_of_any_block_size_match_the_mask(start, T, block):
+    q_pos = torch.arange(start, start + T)[None]
+    k_pos = torch.cat([ring_positions(start, W), q_pos[0]])[None]
+    q, k, v = qkv(T, k_pos.shape[1], seed=start + T)
+    got = _banded(q, k, v, CachedChunk("sliding_attention", q_pos, k_pos, W, start), block)
     torch.testing.assert_close(got, reference(q, k, v, "sliding_attention", q_pos, k_pos), atol=1e-5, rtol=1e-5)
 
 
@@ -36,7 +46,7 @@ def test_global_chunk_after_its_past_matches_the_mask(start, T):
     q_pos = torch.arange(start, start + T)[None]
     k_pos = torch.arange(start + T)[None]
     q, k, v = qkv(T, start + T, seed=start)
-    got = attend_cached_chunk(q, k, v, CachedChunk("full_attention", q_pos, k_pos, W))
+    got = attend_cached_chunk(q, k, v, CachedChunk("full_attention", q_pos, k_pos, W, start))
     torch.testing.assert_close(got, reference(q, k, v, "full_attention", q_pos, k_pos), atol=1e-5, rtol=1e-5)
 
 
