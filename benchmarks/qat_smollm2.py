@@ -144,7 +144,7 @@ def write(results: dict, out: Path) -> None:
     results["relative_to_full_precision"] = {k: v / ppl["full_precision"] - 1 for k, v in ppl.items()}
     results["recovered_fraction_of_ptq_loss"] = {
         name: (ppl[f"ptq_{scheme}"] - ppl[name]) / (ppl[f"ptq_{scheme}"] - ppl["full_precision"])
-        for name in ppl if name.startswith("qat_") for scheme in [name.rsplit("_", 1)[1]]}
+        for name in ppl if name.startswith("qat_") for scheme in [name.rsplit("_", 1)[1]] if f"ptq_{scheme}" in ppl}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".tmp").write_text(json.dumps(results, indent=2) + "\n")
     os.replace(out.with_suffix(".tmp"), out)

@@ -99,7 +99,7 @@ def test_qat_with_search_converts_to_what_it_trained(scheme, monkeypatch):
     assert torch.equal(q.scales(model.layers[0].mlp.up_proj.weight), initial.float())  # starts at the search
     if not config.learnable_scales:
         assert model.lm_head.weight_fake_quantizer is model.embed_tokens.weight_fake_quantizer
-        assert "layers.0.mlp.up_proj.weight_fake_quantizer.clip" in model.state_dict()
+        assert "layers.0.mlp.up_proj.weight_fake_quantizer.clip" not in model.state_dict()  # derived, not saved
     train_steps(model, 3)
     with torch.no_grad():
         fake = model(tokens(1))
@@ -123,3 +123,17 @@ def test_float_embeddings_option_quantizes_only_the_block_linears(scheme, tmp_pa
     assert loaded_config == config
     assert torch.equal(loaded(TOKENS), model(TOKENS))
     assert (loaded.lm_head.weight is loaded.embed_tokens.weight) == config.share_embeddings
+
+
+def test_qat_with_search_runs_and_checkpoints_through_the_train_loop(tmp_path):
+    # The tied table and head share one quantizer: the loop's checkpoint must still save (no shared tensors).
+    from mobilellm.quant.qat import qat
+    from mobilellm.train.loop import TrainConfig
+    from mobilellm.train.optim import Schedule
+    from mobilellm.train.synthetic import SyntheticBatches
+
+    config = dataclasses.replace(QuantConfig.from_scheme("cpu"), scale_search=True)
+    result = qat(build_model(CFG, seed=0), config, SyntheticBatches(CFG.vocab_size, 2, 16),
+                 TrainConfig(2, Schedule(1e-3, 2)), tmp_path)
+    assert result.checkpoint is not None and result.checkpoint.exists()
+    assert isinstance(result.model.lm_head, QuantizedLinear) and len(result.losses) == 2

@@ -27,8 +27,10 @@ class WeightFakeQuantizer(nn.Module):
                    else int4_scales(weight, self.group_size)).float()  # (N, K/group)
         self.scale = nn.Parameter(initial) if config.learnable_scales else None
         if config.scale_search and not config.learnable_scales:
-            # fixed ranges follow the weight as it trains; the searched clipping ratio (and sign) stays
-            self.register_buffer("clip", initial / int4_scales(weight, self.group_size))
+            # fixed ranges follow the weight as it trains; the searched clipping ratio (and sign) stays.
+            # Not persistent: it derives from the weight prepare() is given, and the training loop prepares
+            # the initial model before loading a checkpoint, so a resume recomputes the same ratios.
+            self.register_buffer("clip", initial / int4_scales(weight, self.group_size), persistent=False)
         else:
             self.clip = None
 
