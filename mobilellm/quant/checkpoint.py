@@ -35,8 +35,15 @@ def quantized_skeleton(model_config, config: QuantConfig, dtype: torch.dtype = t
         return convert(prepare(model, config), config)
 
 
+def _float_tied_head(model: Transformer) -> bool:
+    """A tied LM head kept in float (quantize_embeddings=False): saved once, as the embedding's weight."""
+    return model.config.tie_embeddings and not isinstance(model.lm_head, QuantizedLinear)
+
+
 def _check(model: Transformer, tensors: dict[str, torch.Tensor], folder: Path) -> None:
     expected = model.state_dict()
+    if _float_tied_head(model):
+        expected.pop("lm_head.weight")
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = [f"{k}: checkpoint {tuple(tensors[k].shape)} {tensors[k].dtype} vs model {tuple(v.shape)} {v.dtype}"
@@ -57,9 +64,13 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> tu
     tensors = read_tensors(folder, model_config.family)
     _check(model, tensors, folder)
     tensors = {k: v if v.dtype == torch.uint8 or k.endswith("weight_scale") else v.to(dtype) for k, v in tensors.items()}
+    if _float_tied_head(model):
+        model.load_state_dict(tensors, strict=False, assign=True)  # (strict: _check above)
+        model.lm_head.weight = model.embed_tokens.weight
+        return model, config
     model.load_state_dict(tensors, strict=True, assign=True)
     head = model.lm_head
-    if head.packed_weight.is_meta:  # tied: the head reads the embedding's packed table
+    if isinstance(head, QuantizedLinear) and head.packed_weight.is_meta:  # tied: it reads the embedding's table
         head.packed_weight, head.weight_scale = model.embed_tokens.packed_weight, model.embed_tokens.weight_scale
     return model, config
 

@@ -24,6 +24,11 @@ class QuantConfig:
     learnable_scales: weight scales are parameters trained by gradient (LSQ) during QAT.
     share_embeddings: the tied embedding / LM head is quantized once and shared; False unties them.
     scale_dtype: storage precision of the weight scales (fake quant rounds to it too).
+    quantize_embeddings: the token embedding and the LM head are int4; False keeps both in float (the other
+        Linear layers are quantized either way).
+    scale_search: per group, the scale (clipping ratio and sign) minimising the group's squared reconstruction
+        error (math.int4_search_scales) instead of max|w| / 7.5; same storage format. Fixed ranges keep the
+        searched ratio to max|w| during QAT; learnable ranges start from the searched scales.
     """
 
     scheme: str
@@ -33,6 +38,8 @@ class QuantConfig:
     learnable_scales: bool = False
     share_embeddings: bool = True
     scale_dtype: str = "float16"
+    quantize_embeddings: bool = True
+    scale_search: bool = False
 
     def __post_init__(self):
         if self.group_size is not None and (self.group_size <= 0 or self.group_size % 32):

@@ -36,6 +36,52 @@ def int4_scales(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype = tor
     return (amax / ((INT4_MAX - INT4_MIN) / 2)).clamp_min(SCALE_EPS).to(scale_dtype)
 
 
+# Where the search may map a group's largest-magnitude value: levels 7.0 .. 9.0 of the int4 grid (beyond 8 it
+# is clipped; llama.cpp's make_qx_quants searches nmax +- 0.9 alike).
+SEARCH_LEVELS = tuple(7.0 + 0.1 * i for i in range(21))
+SEARCH_REFITS = 2  # least-squares refits of the best scale (the alternating step of llama.cpp / HQQ)
+
+
+def _int4_group_error(g: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared reconstruction error (N, G) of groups g (N, G, gs) stored with scales s (N, G), and the int4 values."""
+    q = torch.round(g / s[..., None]).clamp(INT4_MIN, INT4_MAX)
+    return (g - q * s[..., None]).square().sum(-1), q
+
+
+def int4_search_scales(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Scales (N, K/group_size) for w (N, K) minimising each group's error sum (w - s * clamp(round(w / s)))^2,
+    measured with s rounded to scale_dtype (the stored format, so the guarantee holds after storage).
+
+    Candidates: s = -peak / t and s = peak / t for t in SEARCH_LEVELS, where peak is the group's signed
+    largest-magnitude value (a negative s puts it on the grid's 8-level side; t = 8 is llama.cpp's Q4_0),
+    then SEARCH_REFITS least-squares refits s = <w, q> / <q, q> of the best one's int4 values. The min/max
+    scale (int4_scales) is the first candidate and only a strictly smaller error replaces it, so no group is
+    ever reconstructed worse than with min/max scaling. A negative scale is just a scale: q * s is stored
+    and computed exactly as before.
+    """
+    g = _groups(w.detach().float(), group_size)  # (N, G, gs)
+    best = int4_scales(w, group_size, scale_dtype).float()
+    best_err, _ = _int4_group_error(g, best)
+    peak = g.gather(-1, g.abs().argmax(-1, keepdim=True)).squeeze(-1)  # (N, G), signed
+
+    def consider(candidate: torch.Tensor) -> None:
+        nonlocal best, best_err
+        s = candidate.to(scale_dtype).float()
+        s = torch.where(s == 0, best, s)  # an underflowed (all-zero) group keeps its min/max scale
+        err, _ = _int4_group_error(g, s)
+        better = err < best_err
+        best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+
+    for t in SEARCH_LEVELS:
+        consider(-peak / t)
+        consider(peak / t)
+    for _ in range(SEARCH_REFITS):
+        _, q = _int4_group_error(g, best)
+        qq = q.square().sum(-1)
+        consider(torch.where(qq > 0, (g * q).sum(-1) / qq.clamp_min(1), best))
+    return best.to(scale_dtype)
+
+
 def quantize_int4(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """int8 tensor (N, K) of values in [-8, 7]: round(w / scale) per group; scales (N, K/group)."""
     group_size = w.shape[1] // scales.shape[1]
