@@ -1,5 +1,6 @@
 """A model whose Linear/Embedding modules were swapped for packed int4 ones runs through the engine unchanged."""
 
+import pytest
 import torch
 
 from mobilellm.config import ModelConfig
@@ -38,3 +39,21 @@ def test_generate_command_runs_a_quantized_checkpoint(tmp_path, capsys):
     Tokenizer.train_bpe(["hello world, the cat sat on the mat"] * 10, vocab_size=300, show_progress=False).save(folder)
     assert main(["generate", str(folder), "--prompt", "hello", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.slow  # compiling takes ~30 s on a CPU
+def test_compiled_int4_decode_gives_the_eager_tokens(tmp_path, capsys):
+    from mobilellm.cli import main
+    from mobilellm.quant.checkpoint import save_quantized
+    from mobilellm.tokenizer import Tokenizer
+
+    scheme = QuantConfig.from_scheme("cpu")
+    model = quantize_(build_model(ModelConfig.from_name("tiny").replace(vocab_size=320), seed=0), scheme)
+    folder = tmp_path / "int4"
+    save_quantized(model, scheme, folder)
+    Tokenizer.train_bpe(["hello world, the cat sat on the mat"] * 10, vocab_size=300, show_progress=False).save(folder)
+    outputs = []
+    for flag in ("--no-compile", "--compile"):
+        assert main(["generate", str(folder), "--prompt", "hello", "--max-new-tokens", "8", flag]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]

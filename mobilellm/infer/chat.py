@@ -13,7 +13,7 @@ import torch
 
 from ..tokenizer import Tokenizer
 from .cache import KVCache
-from .engine import ContextError, check_fits, generate, new_cache
+from .engine import ContextError, check_fits, decode_one_token, generate, new_cache
 from .sampling import SamplingConfig, find_stop, safe_prefix
 
 
@@ -136,8 +136,9 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, chat: bool) -> list[int]:
 
 def generate_text(model, tokenizer: Tokenizer, prompt: str, *, chat: bool = False, max_new_tokens: int = 256,
                   sampling: SamplingConfig = SamplingConfig(), int8_kv: bool = False,
-                  stop_strings: Sequence[str] = ()) -> Iterator[str]:
-    """Stream the continuation of `prompt` as text. A prompt that leaves no room to generate is an error."""
+                  stop_strings: Sequence[str] = (), decode_step=decode_one_token) -> Iterator[str]:
+    """Stream the continuation of `prompt` as text. A prompt that leaves no room to generate is an error.
+    `decode_step` may be engine.compiled_decode_step()."""
     ids = encode_prompt(tokenizer, prompt, chat)
     context = model.config.max_seq_len
     if len(ids) >= context:
@@ -147,4 +148,5 @@ def generate_text(model, tokenizer: Tokenizer, prompt: str, *, chat: bool = Fals
     stop_ids = tuple(tokenizer.eos_ids) or tuple(model.config.eos_ids)
     with torch.no_grad():
         yield from stream_text(tokenizer, generate(model, ids, cache, max_new_tokens=max_new_tokens,
-                                                   sampling=sampling, stop_ids=stop_ids), stop_strings)
+                                                   sampling=sampling, stop_ids=stop_ids, decode_step=decode_step),
+                               stop_strings)
