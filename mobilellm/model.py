@@ -5,7 +5,8 @@ parameter-free q/k L2 norm and NoPE layers (Llama-4-text), per-layer local (slid
 attention, SwiGLU MLP, tied embeddings. Module names follow HF Llama so checkpoints map by name.
 
 A KV cache is any object with `update(layer, k, v, positions) -> (k_all, v_all, k_positions)`
-(see mobilellm.infer); the model itself keeps no decoding state.
+(see mobilellm.infer), and optionally `rotations(positions)` returning what `rope_angles` would; the model
+itself keeps no decoding state.
 """
 
 from __future__ import annotations
@@ -35,10 +36,14 @@ def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
 
 
+def rope_frequencies(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """(head_dim/2,) rotation speed of each dim pair."""
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+
+
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The rotation tables of `apply_rope` for integer positions (B, T): each (B, T, 1, head_dim)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+    angles = positions.float()[..., None] * rope_frequencies(head_dim, theta, positions.device)  # (B, T, hd/2)
     return rotation_tables(angles.cos()[:, :, None], angles.sin()[:, :, None], layout)
 
 
@@ -89,11 +94,14 @@ class Attention(nn.Module):
             scale = torch.log1p(torch.floor((positions.float() + 1.0) / cfg.attn_floor_scale)) * cfg.attn_scale + 1.0
             q = (q * scale[:, :, None, None]).type_as(q)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, T, hd)
-        k_pos = positions
-        if cache is not None:
-            k, v, k_pos = cache.update(self.layer, k, v, positions)
-        mask = masks.get(self.layer_type, k_pos)
-        y = attend(q, k, v, mask, masks.backend)  # (B, H, T, hd)
+        if (T == 1 and getattr(cache, "attends_one_token", False) and masks.cached_chunks
+                and self.layer_type in ("full_attention", "sliding_attention")):
+            y = cache.attend_one_token(self.layer, q, k, v)  # decode straight from the cache's own storage
+        else:
+            k_pos = positions
+            if cache is not None:
+                k, v, k_pos = cache.update(self.layer, k, v, positions)
+            y = attend(q, k, v, masks.get(self.layer_type, k_pos), masks.backend)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -188,7 +196,9 @@ class Transformer(nn.Module):
         if positions is None:
             start = cache.next_position if cache is not None else 0
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-        rope = rope_angles(positions, self.config.head_dim, self.config.rope_theta, self.config.rope_layout)
+        rotations = getattr(cache, "rotations", None)  # a cache may hold precomputed tables (decode)
+        rope = (rotations(positions) if rotations is not None else
+                rope_angles(positions, self.config.head_dim, self.config.rope_theta, self.config.rope_layout))
         masks = MaskCache(self.config, positions, doc_ids, self.attn_backend, cache)
         x = self.embed_tokens(tokens)
         for block in self.layers:

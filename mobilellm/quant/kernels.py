@@ -24,7 +24,7 @@ from .math import dequantize_int4, fake_quantize_int8_per_token, unpack_int4
 
 log = logging.getLogger(__name__)
 BACKENDS = ("cpp", "reference")
-_SOURCE = Path(__file__).parent / "csrc" / "int4_linear.cpp"
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("int4_linear.cpp", "int8_kv_attention.cpp")]
 
 
 def cpu_supports_avx2() -> bool:
@@ -39,9 +39,9 @@ def load_extension():
         return None
     from torch.utils.cpp_extension import load
     # Named by content: two checkouts with different kernels never overwrite each other's build.
-    digest = hashlib.sha1(_SOURCE.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha1(b"".join(source.read_bytes() for source in _SOURCES)).hexdigest()[:12]
     try:
-        ext = load(name=f"mobilellm_int4_linear_{digest}", sources=[str(_SOURCE)],
+        ext = load(name=f"mobilellm_cpu_kernels_{digest}", sources=[str(source) for source in _SOURCES],
                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
                    extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # a missing compiler must not break inference: fall back, say why
@@ -52,6 +52,8 @@ def load_extension():
         lambda x, packed, scales, correction, group_size: x.new_empty(x.shape[0], packed.shape[0]))
     torch.library.register_fake("mobilellm::int4_linear_f32")(
         lambda x, packed, scales, group_size: x.new_empty(x.shape[0], packed.shape[0]))
+    torch.library.register_fake("mobilellm::int8_kv_attention")(
+        lambda q, k, k_scale, v, v_scale, n, scale: q.new_empty(q.shape))
     return ext
 
 
@@ -102,3 +104,19 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, gro
     else:
         raise ValueError(f"unknown int4 backend {backend!r}; expected one of {BACKENDS}")
     return y.view(*x.shape[:-1], -1).to(x.dtype)
+
+
+def int8_kv_attention(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, v: torch.Tensor,
+                      v_scale: torch.Tensor, n: int, backend: str | None = None) -> torch.Tensor:
+    """One query token per row, q (B, Hq, 1, hd), attending slots [0, n) of an int8 KV store: values k, v
+    (B, Hkv, S, hd) int8, scales (B, Hkv, S, 1). Softmax scale 1/sqrt(hd), GQA when Hq > Hkv. The C++ kernel
+    reads the int8 rows directly; the reference dequantizes slots [0, n) and calls SDPA."""
+    B, Hq, T, hd = q.shape
+    if T != 1:
+        raise ValueError(f"int8_kv_attention takes one query token per row, got {T}")
+    if (backend or default_backend()) == "cpp" and hd % 8 == 0:
+        out = torch.ops.mobilellm.int8_kv_attention(q.reshape(B, Hq, hd).float().contiguous(), k, k_scale, v,
+                                                    v_scale, n, hd ** -0.5)
+        return out.view(B, Hq, 1, hd).to(q.dtype)
+    keys, values = k[:, :, :n].float() * k_scale[:, :, :n], v[:, :, :n].float() * v_scale[:, :, :n]
+    return F.scaled_dot_product_attention(q.float(), keys, values, enable_gqa=Hq != k.shape[1]).to(q.dtype)

@@ -84,6 +84,13 @@ class _Int8KV:
             k, v = fake_quantize_kv_int8(k), fake_quantize_kv_int8(v)
         return self.cache.update(layer, k, v, positions)
 
+    @property
+    def attends_one_token(self) -> bool:  # an int8 cache's decode path already stores what this would
+        return getattr(self.cache, "int8", False) and getattr(self.cache, "attends_one_token", False)
+
+    def attend_one_token(self, layer, q, k, v):
+        return self.cache.attend_one_token(layer, q, k, v)
+
 
 class KVQuantAttention(Attention):
     """Attention whose keys and values go through int8 per-token, per-head quantization (STE in training)."""
