@@ -69,7 +69,7 @@ def main() -> None:
 
     bandwidth_before = read_bandwidth() / 1e9
     tok_s, kv_bytes = decode_speed(decode_one_token)
-    compiled_tok_s = decode_speed(compiled_decode_step())[0] if args.compile else None
+    compiled_tok_s = decode_speed(compiled_decode_step(model))[0] if args.compile else None
     bandwidth = max(bandwidth_before, read_bandwidth() / 1e9)  # before and after: the machine is shared
     roofline_tok_s = bandwidth * 1e9 / (weights + kv_bytes)  # kv_bytes: an upper bound on what attention reads
     result = {

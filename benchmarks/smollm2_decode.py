@@ -80,7 +80,7 @@ def main() -> None:
     hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
     compile_s = None
     if args.compile:
-        step = compiled_decode_step()
+        step = compiled_decode_step(ours)
         start = time.perf_counter()
         run_ours(ours, ids, 4, step)  # compiles (dynamic shapes: the key count grows every step)
         compile_s = time.perf_counter() - start

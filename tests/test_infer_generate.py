@@ -199,3 +199,12 @@ def test_smollm2_answers_paris(capsys):
     args = ["generate", str(folder), "--prompt", "What is the capital of France?", "--chat", "--max-new-tokens", "12"]
     assert main(args) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+def test_compiled_step_refuses_another_model():
+    from mobilellm.infer.engine import compiled_decode_step, new_cache
+
+    model, other = (build_model(ModelConfig.from_name("tiny"), seed=s).eval() for s in (0, 1))
+    step = compiled_decode_step(model)  # compiles lazily: refusing costs no compilation
+    with pytest.raises(ValueError, match="another model"):
+        step(other, torch.zeros(1, 1, dtype=torch.long), new_cache(other, max_len=8))

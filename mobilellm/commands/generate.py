@@ -57,7 +57,7 @@ def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens
     model, tokenizer, scheme_int8_kv = load(checkpoint)
     for piece in generate_text(model, tokenizer, prompt, chat=chat, max_new_tokens=max_new_tokens,
                                sampling=sampling, int8_kv=int8_kv or scheme_int8_kv, stop_strings=stop or (),
-                               decode_step=compiled_decode_step() if compile else decode_one_token):
+                               decode_step=compiled_decode_step(model) if compile else decode_one_token):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

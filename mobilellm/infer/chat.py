@@ -138,7 +138,7 @@ def generate_text(model, tokenizer: Tokenizer, prompt: str, *, chat: bool = Fals
                   sampling: SamplingConfig = SamplingConfig(), int8_kv: bool = False,
                   stop_strings: Sequence[str] = (), decode_step=decode_one_token) -> Iterator[str]:
     """Stream the continuation of `prompt` as text. A prompt that leaves no room to generate is an error.
-    `decode_step` may be engine.compiled_decode_step()."""
+    `decode_step` may be engine.compiled_decode_step(model)."""
     ids = encode_prompt(tokenizer, prompt, chat)
     context = model.config.max_seq_len
     if len(ids) >= context:
