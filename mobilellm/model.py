@@ -36,6 +36,17 @@ def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
 
 
+def fuse_linears(linears: list[nn.Module]) -> nn.Module:
+    """One module whose output is the given bias-free linears' outputs side by side (they share an input). A
+    module type with a `concatenate` classmethod (the int4 QuantizedLinear) fuses its own way."""
+    if hasattr(type(linears[0]), "concatenate"):
+        return type(linears[0]).concatenate(linears)
+    weight = torch.cat([linear.weight.detach() for linear in linears])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    return fused
+
+
 def rope_frequencies(head_dim: int, theta: float, device=None) -> torch.Tensor:
     """(head_dim/2,) rotation speed of each dim pair."""
     return 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
@@ -78,13 +89,25 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.qkv_proj = None  # set by fuse_projections
+
+    def fuse_projections(self) -> None:
+        """Inference only: q, k and v from one matrix, one kernel call instead of three (the separate modules
+        are dropped, so the state dict changes: fuse after loading, never before saving)."""
+        self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, rope, positions, masks: "MaskCache", cache=None):
         B, T, _ = x.shape
         cfg = self.config
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            kv_size = self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, kv_size, kv_size], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if self.use_rope:
             q, k = apply_rope(q, rope, cfg.rope_layout), apply_rope(k, rope, cfg.rope_layout)
             if cfg.qk_norm:
@@ -111,9 +134,19 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, ffn_dim, bias=False)
         self.up_proj = nn.Linear(dim, ffn_dim, bias=False)
         self.down_proj = nn.Linear(ffn_dim, dim, bias=False)
+        self.gate_up_proj = None  # set by fuse_projections
+
+    def fuse_projections(self) -> None:
+        """Inference only, as Attention.fuse_projections: gate and up from one matrix."""
+        self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -210,6 +243,13 @@ class Transformer(nn.Module):
     def forward(self, tokens, positions=None, doc_ids=None, cache=None):
         """Logits (B, T, vocab)."""
         return self.lm_head(self.hidden_states(tokens, positions, doc_ids, cache))
+
+    def fuse_projections(self) -> "Transformer":
+        """For inference: every block's q/k/v and gate/up projections as one matrix each (see Attention)."""
+        for block in self.layers:
+            block.self_attn.fuse_projections()
+            block.mlp.fuse_projections()
+        return self
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once

@@ -57,3 +57,36 @@ def test_compiled_int4_decode_gives_the_eager_tokens(tmp_path, capsys):
         assert main(["generate", str(folder), "--prompt", "hello", "--max-new-tokens", "8", flag]) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_fused_projections_decode_like_separate_ones(quantized):
+    """q/k/v and gate/up fused into one matrix each (what generate runs): the same logits, exactly for int4
+    (every output row is computed alone from the same quantized activations)."""
+    import copy
+
+    model = build_model(ModelConfig.from_name("tiny"), seed=0).eval()
+    if quantized:
+        model = quantize_(model, QuantConfig.from_scheme("cpu"))
+    fused = copy.deepcopy(model).fuse_projections()
+    assert not hasattr(fused.layers[0].self_attn, "q_proj") and not hasattr(fused.layers[0].mlp, "up_proj")
+    tokens = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for m in (model, fused):
+        cache = new_cache(m, max_len=32, int8=quantized)
+        runs.append(list(generate(m, tokens[0, :10], cache, max_new_tokens=12)))
+        runs.append(m(tokens))
+    assert runs[0] == runs[2]
+    if quantized:
+        assert torch.equal(runs[1], runs[3])
+    else:
+        torch.testing.assert_close(runs[1], runs[3], rtol=1e-5, atol=1e-5)
+
+
+def test_only_matching_int4_linears_concatenate():
+    from mobilellm.quant.modules import QuantizedLinear
+
+    a = QuantizedLinear(torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4, 1), 32, True)
+    b = QuantizedLinear(torch.zeros(4, 32, dtype=torch.uint8), torch.ones(4, 2), 32, True)
+    with pytest.raises(ValueError, match="same input size"):
+        QuantizedLinear.concatenate([a, b])

@@ -27,7 +27,7 @@ def load(checkpoint: str):
     tokenizer = Tokenizer.load(resolve_checkpoint(checkpoint))
     tokenizer.check_fits(model.config.vocab_size)
     # A scheme trained with int8 keys/values wants the cache to store them so.
-    return model.eval(), tokenizer, bool(quant and quant.kv_int8)
+    return model.eval().fuse_projections(), tokenizer, bool(quant and quant.kv_int8)
 
 
 def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens: int = 256,

@@ -28,6 +28,16 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("weight_scale", scales, persistent=not shared)  # (N, K/group)
         self._correction_key, self._correction_value = None, None
 
+    @classmethod
+    def concatenate(cls, linears: list["QuantizedLinear"]) -> "QuantizedLinear":
+        """One matrix of the given ones' rows (same input, group size and activations): model.fuse_linears."""
+        first = linears[0]
+        if any((m.in_features, m.group_size, m.int8_activations) != (first.in_features, first.group_size,
+                                                                      first.int8_activations) for m in linears):
+            raise ValueError("only int4 linears with the same input size, group size and activations concatenate")
+        return cls(torch.cat([m.packed_weight for m in linears]), torch.cat([m.weight_scale for m in linears]),
+                   first.group_size, first.int8_activations)
+
     def forward(self, x):  # (..., K) -> (..., N)
         backend = default_backend()
         correction = self._correction() if self.int8_activations and backend == "cpp" else None
