@@ -115,6 +115,8 @@ def int8_kv_attention(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, v
     if T != 1:
         raise ValueError(f"int8_kv_attention takes one query token per row, got {T}")
     if (backend or default_backend()) == "cpp" and hd % 8 == 0:
+        if not torch.compiler.is_compiling() and load_extension() is None:
+            raise RuntimeError("the C++ kernels are not available on this machine (no AVX2 or no compiler)")
         out = torch.ops.mobilellm.int8_kv_attention(q.reshape(B, Hq, hd).float().contiguous(), k, k_scale, v,
                                                     v_scale, n, hd ** -0.5)
         return out.view(B, Hq, 1, hd).to(q.dtype)

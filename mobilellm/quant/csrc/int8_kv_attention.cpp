@@ -39,33 +39,95 @@ inline __m256 exp_nonpositive(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 
-inline __m256 int8x8_to_float(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+// Slots per tile: their int8 rows are converted to float once into an L1-resident buffer, then read by every
+// query head of the KV head (the int8 -> float conversion per head and slot took most of the time).
+constexpr int64_t TILE = 16;
+
+// rows (n, hd) int8 -> out (n, hd) float.
+inline void rows_to_float(const int8_t* rows, int64_t n, int64_t hd, float* out) {
+  for (int64_t i = 0; i < n * hd; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                  _mm_loadl_epi64(reinterpret_cast<const __m128i*>(rows + i)))));
+}
+
+// The sums of four vectors' lanes: [sum a, sum b, sum c, sum d].
+inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+// q (hd) against `ts` float key rows kf (ts, hd): scores[s] = (q . kf[s]) * scale[s]; four rows at a time, each
+// with its own accumulator (one accumulator chained every FMA on the previous one).
+inline void tile_scores(const float* q, const float* kf, int64_t ts, int64_t hd, const float* scale, float* scores) {
+  int64_t s = 0;
+  for (; s + 4 <= ts; s += 4) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t d = 0; d < hd; d += 8) {
+      const __m256 qd = _mm256_loadu_ps(q + d);
+      a0 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kf + s * hd + d), a0);
+      a1 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kf + (s + 1) * hd + d), a1);
+      a2 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kf + (s + 2) * hd + d), a2);
+      a3 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kf + (s + 3) * hd + d), a3);
+    }
+    _mm_storeu_ps(scores + s, _mm_mul_ps(hsum4(a0, a1, a2, a3), _mm_loadu_ps(scale + s)));
+  }
+  for (; s < ts; ++s) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t d = 0; d < hd; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kf + s * hd + d), a);
+    scores[s] = hsum8(a) * scale[s];
+  }
+}
+
+// out (hd) += sum_s w[s] * vf[s] over `ts` float value rows; 32 dims (four registers) at a time.
+inline void tile_values(const float* w, const float* vf, int64_t ts, int64_t hd, float* out) {
+  int64_t d = 0;
+  for (; d + 32 <= hd; d += 32) {
+    __m256 a0 = _mm256_loadu_ps(out + d), a1 = _mm256_loadu_ps(out + d + 8), a2 = _mm256_loadu_ps(out + d + 16),
+           a3 = _mm256_loadu_ps(out + d + 24);
+    for (int64_t s = 0; s < ts; ++s) {
+      const __m256 ws = _mm256_broadcast_ss(w + s);
+      const float* row = vf + s * hd + d;
+      a0 = _mm256_fmadd_ps(ws, _mm256_loadu_ps(row), a0);
+      a1 = _mm256_fmadd_ps(ws, _mm256_loadu_ps(row + 8), a1);
+      a2 = _mm256_fmadd_ps(ws, _mm256_loadu_ps(row + 16), a2);
+      a3 = _mm256_fmadd_ps(ws, _mm256_loadu_ps(row + 24), a3);
+    }
+    _mm256_storeu_ps(out + d, a0);
+    _mm256_storeu_ps(out + d + 8, a1);
+    _mm256_storeu_ps(out + d + 16, a2);
+    _mm256_storeu_ps(out + d + 24, a3);
+  }
+  for (; d < hd; d += 8) {
+    __m256 a = _mm256_loadu_ps(out + d);
+    for (int64_t s = 0; s < ts; ++s) a = _mm256_fmadd_ps(_mm256_broadcast_ss(w + s), _mm256_loadu_ps(vf + s * hd + d), a);
+    _mm256_storeu_ps(out + d, a);
+  }
 }
 
 // One KV head and its G query heads: q (G, hd) -> out (G, hd). k, v: the head's (S, hd) rows; ks, vs: (S,).
 void attend_head(const float* q, int64_t G, const int8_t* k, const float* ks, const int8_t* v, const float* vs,
                  int64_t n, int64_t hd, float sm_scale, float* out, std::vector<float>& scores,
-                 std::vector<float>& row) {
-  scores.resize(G * n + 8);
-  row.resize(hd);
-  // Scores: each key row converted once, dotted with every query head.
-  for (int64_t s = 0; s < n; ++s) {
-    for (int64_t d = 0; d < hd; d += 8) _mm256_storeu_ps(row.data() + d, int8x8_to_float(k + s * hd + d));
-    const float scale = ks[s] * sm_scale;
-    for (int64_t g = 0; g < G; ++g) {
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t d = 0; d < hd; d += 8)
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * hd + d), _mm256_loadu_ps(row.data() + d), acc);
-      scores[g * n + s] = hsum8(acc) * scale;
-    }
+                 std::vector<float>& tile) {
+  scores.resize(G * n + n);
+  tile.resize(TILE * hd);
+  float* key_scale = scores.data() + G * n;  // the keys' scales times the softmax scale
+  for (int64_t s = 0; s < n; ++s) key_scale[s] = ks[s] * sm_scale;
+  for (int64_t s0 = 0; s0 < n; s0 += TILE) {
+    const int64_t ts = std::min(TILE, n - s0);
+    rows_to_float(k + s0 * hd, ts, hd, tile.data());
+    for (int64_t g = 0; g < G; ++g) tile_scores(q + g * hd, tile.data(), ts, hd, key_scale + s0, scores.data() + g * n + s0);
   }
   // Softmax per query head, each probability then folded with its value row's scale.
   std::vector<float> inv_sum(G);
   for (int64_t g = 0; g < G; ++g) {
     float* sc = scores.data() + g * n;
-    float mx = -INFINITY;
-    for (int64_t s = 0; s < n; ++s) mx = std::max(mx, sc[s]);
+    __m256 vmax8 = _mm256_set1_ps(-INFINITY);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) vmax8 = _mm256_max_ps(vmax8, _mm256_loadu_ps(sc + i));
+    float lanes[8], mx = -INFINITY;
+    _mm256_storeu_ps(lanes, vmax8);
+    for (float lane : lanes) mx = std::max(mx, lane);
+    for (; i < n; ++i) mx = std::max(mx, sc[i]);
     const __m256 vmx = _mm256_set1_ps(mx);
     __m256 vsum = _mm256_setzero_ps();
     int64_t s = 0;
@@ -83,16 +145,11 @@ void attend_head(const float* q, int64_t G, const int8_t* k, const float* ks, co
     }
     inv_sum[g] = 1.0f / sum;
   }
-  // Output: the value rows weighted by the probabilities, each row converted once.
   std::fill(out, out + G * hd, 0.0f);
-  for (int64_t s = 0; s < n; ++s) {
-    for (int64_t d = 0; d < hd; d += 8) _mm256_storeu_ps(row.data() + d, int8x8_to_float(v + s * hd + d));
-    for (int64_t g = 0; g < G; ++g) {
-      const __m256 w = _mm256_set1_ps(scores[g * n + s]);
-      float* o = out + g * hd;
-      for (int64_t d = 0; d < hd; d += 8)
-        _mm256_storeu_ps(o + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(row.data() + d), _mm256_loadu_ps(o + d)));
-    }
+  for (int64_t s0 = 0; s0 < n; s0 += TILE) {
+    const int64_t ts = std::min(TILE, n - s0);
+    rows_to_float(v + s0 * hd, ts, hd, tile.data());
+    for (int64_t g = 0; g < G; ++g) tile_values(scores.data() + g * n + s0, tile.data(), ts, hd, out + g * hd);
   }
   for (int64_t g = 0; g < G; ++g)
     for (int64_t d = 0; d < hd; ++d) out[g * hd + d] *= inv_sum[g];
@@ -119,10 +176,10 @@ torch::Tensor int8_kv_attention(torch::Tensor q, torch::Tensor k, torch::Tensor 
   const float *ksp = k_scale.data_ptr<float>(), *vsp = v_scale.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores, row;
+    std::vector<float> scores, tile;
     for (int64_t i = i0; i < i1; ++i)  // i = b * Hkv + h: its query heads are i * G ... i * G + G - 1
       attend_head(qp + i * G * hd, G, kp + i * S * hd, ksp + i * S, vp + i * S * hd, vsp + i * S, n, hd,
-                  static_cast<float>(sm_scale), op + i * G * hd, scores, row);
+                  static_cast<float>(sm_scale), op + i * G * hd, scores, tile);
   });
   return out;
 }
