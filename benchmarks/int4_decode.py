@@ -40,7 +40,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from machine import machine_info, read_bandwidth  # noqa: E402
 
 SHAPES = {"q/o_proj": (1280, 1280), "k/v_proj": (256, 1280), "gate/up_proj": (6144, 1280),
-          "down_proj": (1280, 6144), "lm_head": (202048, 1280)}  # weight (out, in)
+          "down_proj": (1280, 6144), "lm_head": (202048, 1280),
+          # what a decode step runs after Transformer.fuse_projections (generate, chat)
+          "qkv_proj (fused)": (1792, 1280), "gate_up_proj (fused)": (12288, 1280)}  # weight (out, in)
 GiB = 2**30
 
 
@@ -197,6 +199,7 @@ def bench_models(bandwidth: float, fp32_layers: int) -> dict:
         for kind in kinds:
             model = random_int4_model(cfg, quant) if kind == "int4" else \
                 random_float_model(cfg, torch.bfloat16 if kind == "bf16" else torch.float32)
+            model.fuse_projections()  # as generate runs every kind
             nbytes = weight_bytes(model)
             # The embedding table is not read in a decode step except one row; the LM head (tied) is.
             row[f"{kind}_weight_bytes"] = nbytes

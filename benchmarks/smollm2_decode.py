@@ -76,7 +76,7 @@ def main() -> None:
     ids = encode_prompt(tokenizer, PROMPT, chat=True)
     peers = {"ours": lambda: run_ours(ours, ids, args.new_tokens),
              "hf-llama": lambda: run_hf(hf, ids, args.new_tokens)}
-    ours = load_pretrained(folder).eval()
+    ours = load_pretrained(folder).eval().fuse_projections()  # as generate runs it
     hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
     compile_s = None
     if args.compile:
