@@ -24,7 +24,8 @@ from .math import dequantize_int4, fake_quantize_int8_per_token, unpack_int4
 
 log = logging.getLogger(__name__)
 BACKENDS = ("cpp", "reference")
-_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("int4_linear.cpp", "int8_kv_attention.cpp")]
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = [_CSRC / "int4_linear.cpp", _CSRC / "int8_kv_attention.cpp"]
 
 
 def cpu_supports_avx2() -> bool:
@@ -39,7 +40,7 @@ def load_extension():
         return None
     from torch.utils.cpp_extension import load
     # Named by content: two checkouts with different kernels never overwrite each other's build.
-    digest = hashlib.sha1(b"".join(source.read_bytes() for source in _SOURCES)).hexdigest()[:12]
+    digest = hashlib.sha1(b"".join(f.read_bytes() for f in _SOURCES + sorted(_CSRC.glob("*.h")))).hexdigest()[:12]
     try:
         ext = load(name=f"mobilellm_cpu_kernels_{digest}", sources=[str(source) for source in _SOURCES],
                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],

@@ -10,6 +10,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+
+#include "avx2_common.h"
 #include <cmath>
 
 // Measured on pro-1b's shapes with the weights read from memory (benchmarks/int4_decode.py): one row at a
@@ -24,13 +26,6 @@
 #endif
 
 namespace {
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // 16 packed bytes -> 32 signed int8 weights in column order.
 inline __m256i unpack32(const uint8_t* p) {
@@ -140,7 +135,7 @@ inline void a8_dot(const uint8_t* um, const float* usum, float xs, float zpu, co
     __m256 off = _mm256_setzero_ps();
     for (int64_t b = 0; b < n_blocks; b += 8)
       off = _mm256_fmadd_ps(_mm256_loadu_ps(sc + r * n_blocks + b), _mm256_loadu_ps(usum + b), off);
-    out[r] = (hsum(_mm256_add_ps(acc0[r], acc1[r])) - 8.0f * hsum(off) - zpu * corr[r]) * xs;
+    out[r] = (hsum8(_mm256_add_ps(acc0[r], acc1[r])) - 8.0f * hsum8(off) - zpu * corr[r]) * xs;
   }
 }
 
@@ -238,7 +233,7 @@ void f32_rows(const float* x, int64_t M, const uint8_t* w, const S* sc, int64_t 
           }
           acc = _mm256_fmadd_ps(gacc, _mm256_set1_ps(to_float(sr[g])), acc);
         }
-        y[m * N + n] = hsum(acc);
+        y[m * N + n] = hsum8(acc);
       }
     }
   });

@@ -8,17 +8,12 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+
+#include "avx2_common.h"
 #include <cmath>
 #include <vector>
 
 namespace {
-
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // e^x for x <= 0 (softmax after subtracting the max): x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts),
 // e^r by its degree-6 Taylor polynomial (truncation < 1.2e-7 relative), times 2^n through the exponent bits.
