@@ -35,6 +35,7 @@ from mobilellm.quant import QuantConfig  # noqa: E402
 from mobilellm.quant import math as qm  # noqa: E402
 from mobilellm.quant.checkpoint import quantized_skeleton, save_quantized  # noqa: E402
 from mobilellm.quant.kernels import int4_linear, load_extension, row_correction  # noqa: E402
+from mobilellm.quant.layout import to_panels  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import machine_info, read_bandwidth  # noqa: E402
@@ -109,12 +110,13 @@ def bench_matrices(bandwidth: float, with_aten: bool) -> dict:
         row = {"shape_out_in": [n, k], "int4_bytes": int4_bytes,
                "roofline_int4_s": int4_bytes / bandwidth}
         copies = [(packed, scales)] + [int4_weight(n, k, 32) for _ in range(cold_copies(int4_bytes) - 1)]
-        corrs = [row_correction(p, s, 32) for p, s in copies]  # once per matrix, as QuantizedLinear caches it
+        panels = [to_panels(p, s) for p, s in copies]  # the int8-activation kernel's layout
+        corrs = [row_correction(p, s, 32) for p, s in panels]  # once per matrix, as QuantizedLinear caches it
         row["int4_a8_s"] = timeit(cycling([lambda p=p, s=s, c=c: int4_linear(x, p, s, 32, True, "cpp", c)
-                                           for (p, s), c in zip(copies, corrs)]))
+                                           for (p, s), c in zip(panels, corrs)]))
         row["int4_weight_only_s"] = timeit(cycling([lambda p=p, s=s: int4_linear(x, p, s, 32, False, "cpp")
                                                     for p, s in copies]))
-        del copies, corrs
+        del copies, panels, corrs
         if with_aten and n <= 8192:
             row["aten_int4pack_mm_s"] = timeit(lambda f=aten_int4pack(packed, scales, 32): f(x))
             row["aten_dyn_quant_matmul_4bit_s"] = timeit(lambda f=aten_dyn_quant(packed, scales, 32, k, n): f(x))

@@ -60,7 +60,8 @@ def weight_error(quantized, fp) -> float:
         if isinstance(module, (QuantizedLinear, QuantizedEmbedding)) and id(module.packed_weight) not in seen:
             seen.add(id(module.packed_weight))
             w = fp.get_submodule(name).weight.float()
-            err += (dequantize_int4(unpack_int4(module.packed_weight), module.weight_scale) - w).square().sum().item()
+            packed, scales = module.int4_rows()
+            err += (dequantize_int4(unpack_int4(packed), scales) - w).square().sum().item()
             total += w.square().sum().item()
     return err / total
 

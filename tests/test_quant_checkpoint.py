@@ -51,6 +51,14 @@ def test_mismatched_quant_config_is_a_clear_error(saved):
         load_quantized(folder)
 
 
+def test_checkpoint_of_an_older_int4_format_is_a_clear_error(saved):
+    _, config, folder = saved
+    old = {k: v for k, v in config.to_dict().items() if k != "format_version"}  # as format 1 wrote it
+    (folder / "quantization_config.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="format 1.*quantize the model again"):
+        load_quantized(folder)
+
+
 def test_malformed_quant_config(saved):
     _, _, folder = saved
     (folder / "quantization_config.json").write_text(json.dumps({"scheme": "cpu", "bits": 3}))

@@ -8,6 +8,7 @@ from mobilellm.model import build_model
 from mobilellm.quant import QuantConfig, quantize_
 from mobilellm.quant import math as qm
 from mobilellm.quant.kernels import int4_linear, load_extension
+from mobilellm.quant.layout import from_panels, panel_rows, to_panels
 
 
 def packed_weight(n, k, group, scale_dtype, seed=0):
@@ -33,14 +34,15 @@ def dequantized_math(x, packed, scales, int8_activations):
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 @pytest.mark.parametrize("n,k,group,scale_dtype", [(96, 256, 32, torch.float16), (40, 320, 64, torch.float32),
-                                                   (33, 128, 128, torch.float32)])
+                                                   (33, 128, 128, torch.float32), (13, 96, 32, torch.float16)])
 @pytest.mark.parametrize("int8_activations", [True, False])
 def test_kernel_matches_dequantized_math(backend, n, k, group, scale_dtype, int8_activations, request):
     if backend == "cpp":
         request.getfixturevalue("ext")
     packed, scales = packed_weight(n, k, group, scale_dtype)
     x = torch.randn(2, 3, k, generator=torch.Generator().manual_seed(1)) * 3 + 0.5
-    y = int4_linear(x, packed, scales, group, int8_activations, backend=backend)
+    stored = to_panels(packed, scales) if int8_activations else (packed, scales)  # what that kernel reads
+    y = int4_linear(x, *stored, group, int8_activations, backend=backend, out_features=n)
     ref = dequantized_math(x.reshape(-1, k), packed, scales, int8_activations).reshape(2, 3, n)
     assert y.shape == (2, 3, n) and y.dtype == torch.float32
     assert torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
@@ -66,8 +68,24 @@ def test_cpp_model_close_to_reference_model(ext, monkeypatch):
 
 
 def test_kernel_rejects_bad_shapes(ext):
-    packed, scales = packed_weight(8, 64, 32, torch.float16)
+    packed, scales = to_panels(*packed_weight(8, 64, 32, torch.float16))
     with pytest.raises(RuntimeError, match="do not match"):
-        ext.int4_linear_a8(torch.randn(1, 96), packed, scales, torch.zeros(8), 32)
+        ext.int4_linear_a8(torch.randn(1, 96), packed, scales, torch.zeros(8), 32, 8)
     with pytest.raises(RuntimeError, match="row correction"):
-        ext.int4_linear_a8(torch.randn(1, 64), packed, scales, torch.zeros(7), 32)
+        ext.int4_linear_a8(torch.randn(1, 64), packed, scales, torch.zeros(7), 32, 8)
+    with pytest.raises(RuntimeError, match="out_features"):
+        ext.int4_linear_a8(torch.randn(1, 64), packed, scales, torch.zeros(8), 32, 9)
+    with pytest.raises(RuntimeError, match="8-row panels"):
+        ext.int4_linear_a8(torch.randn(1, 64), packed[:6], scales[:6], torch.zeros(6), 32, 6)
+
+
+def test_panel_layout_round_trips_and_gathers_rows():
+    packed, scales = packed_weight(13, 96, 32, torch.float16)  # 13 rows: the last panel is padded
+    panels, panel_scales = to_panels(packed, scales)
+    assert panels.shape == (16, 48) and panel_scales.shape == (16, 3)
+    assert torch.equal(panels.reshape(-1)[:8], torch.cat([packed[0, :4], packed[1, :4]]))  # word 0 of rows 0, 1
+    rows, row_scales = from_panels(panels, panel_scales, 13)
+    assert torch.equal(rows, packed) and torch.equal(row_scales, scales)
+    index = torch.tensor([12, 0, 7, 8, 7])
+    rows, row_scales = panel_rows(panels, panel_scales, index)
+    assert torch.equal(rows, packed[index]) and torch.equal(row_scales, scales[index])

@@ -79,10 +79,10 @@ def test_ptq_with_search_stores_the_searched_scales_and_lowers_weight_error(sche
     for name in ("layers.0.mlp.down_proj", "lm_head"):
         w = fp.get_submodule(name).weight.detach()
         group = config.group_for(w.shape[1])
-        s = searched.get_submodule(name).weight_scale
+        s = searched.get_submodule(name).int4_rows()[1]
         assert s.dtype == config.torch_scale_dtype
         assert torch.equal(s, qm.int4_search_scales(w, group, config.torch_scale_dtype))
-        assert group_errors(w, s.float()).sum() < group_errors(w, minmax.get_submodule(name).weight_scale.float()).sum()
+        assert group_errors(w, s.float()).sum() < group_errors(w, minmax.get_submodule(name).int4_rows()[1].float()).sum()
     if config.share_embeddings:
         assert searched.lm_head.packed_weight is searched.embed_tokens.packed_weight
 

@@ -16,6 +16,7 @@ from torch import nn
 from ..model import Attention, Transformer
 from .config import QuantConfig
 from .fake import FakeQuantEmbedding, FakeQuantLinear, WeightFakeQuantizer
+from .layout import to_panels
 from .math import pack_int4, quantize_int4
 from .modules import KVQuantAttention, QuantizedEmbedding, QuantizedLinear
 
@@ -54,10 +55,10 @@ def prepare(model: Transformer, config: QuantConfig) -> Transformer:
 
 
 @torch.no_grad()
-def _pack(weight: torch.Tensor, quantizer: WeightFakeQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
+def _pack(weight: torch.Tensor, quantizer: WeightFakeQuantizer, panels: bool) -> tuple[torch.Tensor, torch.Tensor]:
     scales = quantizer.scales(weight)  # fp32 values exactly representable in the storage dtype
-    packed = pack_int4(quantize_int4(weight, scales))
-    return packed, scales.to(quantizer.scale_dtype)
+    packed, scales = pack_int4(quantize_int4(weight, scales)), scales.to(quantizer.scale_dtype)
+    return to_panels(packed, scales) if panels else (packed, scales)
 
 
 def convert(model: Transformer, config: QuantConfig) -> Transformer:
@@ -65,18 +66,21 @@ def convert(model: Transformer, config: QuantConfig) -> Transformer:
     if not any(isinstance(m, (FakeQuantLinear, FakeQuantEmbedding)) for m in model.modules()):
         raise ValueError("convert() needs a model prepared for QAT (call prepare(model, config) first)")
     converted: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(weight) -> packed, scales: shared once
+    panels = config.activations == "int8_dynamic"  # the layout the int8-activation kernel reads (layout.py)
     for name, module in list(model.named_modules()):
         if isinstance(module, (FakeQuantLinear, FakeQuantEmbedding)):
             key = id(module.weight)
             shared = key in converted
             if not shared:
-                converted[key] = _pack(module.weight, module.weight_fake_quantizer)
+                converted[key] = _pack(module.weight, module.weight_fake_quantizer, panels)
             packed, scales = converted[key]
             if isinstance(module, FakeQuantLinear):
                 group = module.in_features // scales.shape[1]
-                _swap(model, name, QuantizedLinear(packed, scales, group, module.quantize_activations, shared))
+                _swap(model, name, QuantizedLinear(packed, scales, group, module.quantize_activations, shared,
+                                                   module.out_features))
             else:
-                _swap(model, name, QuantizedEmbedding(packed, scales, module.weight.dtype))
+                _swap(model, name, QuantizedEmbedding(packed, scales, module.weight.dtype, panels,
+                                                      module.num_embeddings))
     return model
 
 

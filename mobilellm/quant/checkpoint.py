@@ -84,9 +84,9 @@ def export_fake_quant(model: Transformer, config: QuantConfig, folder: str | Pat
     state = {}
     for name, module in model.named_modules():
         if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
-            weight = dequantize_int4(unpack_int4(module.packed_weight), module.weight_scale)
-            state[f"{name}.weight"] = weight
-            state[f"{name}.weight_fake_quantizer.scale"] = module.weight_scale.float()
+            packed, scales = module.int4_rows()
+            state[f"{name}.weight"] = dequantize_int4(unpack_int4(packed), scales)
+            state[f"{name}.weight_fake_quantizer.scale"] = scales.float()
     state.update({k: v for k, v in model.state_dict().items() if not k.endswith(("packed_weight", "weight_scale"))})
     text = json.dumps(config.to_dict(), indent=2) + "\n"
     return save_pretrained(_StateOnly(model.config, state), folder, extra_files={QUANT_CONFIG_FILE: text})

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 QUANT_CONFIG_FILE = "quantization_config.json"
+# Bumped when the stored tensors change meaning. 2: the cpu scheme's int4 tensors are in 8-row panels (layout.py).
+FORMAT_VERSION = 2
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ACTIVATIONS = ("int8_dynamic", "none")
 
@@ -63,12 +65,12 @@ class QuantConfig:
         return self.group_size or in_features
 
     def to_dict(self) -> dict:
-        return {"quant_method": "mobilellm_int4", **dataclasses.asdict(self)}
+        return {"quant_method": "mobilellm_int4", "format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
         fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields - {"quant_method"})
+        unknown = sorted(set(d) - fields - {"quant_method", "format_version"})
         if unknown or "scheme" not in d:
             raise ValueError(f"malformed quantization config: unknown fields {unknown}" if unknown
                              else "malformed quantization config: no 'scheme'")
@@ -83,9 +85,15 @@ class QuantConfig:
         if not path.exists():
             raise ValueError(f"{folder} holds no {QUANT_CONFIG_FILE}: not a quantized checkpoint")
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as err:
+            data = json.loads(path.read_text())
+            config = cls.from_dict(data)
+        except (json.JSONDecodeError, TypeError, AttributeError) as err:
             raise ValueError(f"malformed {path}: {err}") from None
+        version = data.get("format_version", 1)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{folder} holds int4 tensors in format {version}; this mobilellm reads format "
+                             f"{FORMAT_VERSION}: quantize the model again (mobilellm quantize)")
+        return config
 
 
 SCHEMES = {

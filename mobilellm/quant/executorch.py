@@ -36,9 +36,10 @@ def _torchao_weight(module: QuantizedLinear) -> nn.Parameter:
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         IntxUnpackedToInt8Tensor, IntxUnpackedToInt8TensorActivationQuantization)
 
-    scale = module.weight_scale.float()  # (N, K/group)
+    packed, scale = module.int4_rows()
+    scale = scale.float()  # (N, K/group)
     tensor = IntxUnpackedToInt8Tensor(
-        unpack_int4(module.packed_weight), scale, torch.zeros(scale.shape, dtype=torch.int8), torch.int4,
+        unpack_int4(packed), scale, torch.zeros(scale.shape, dtype=torch.int8), torch.int4,
         (1, module.group_size), torch.float32, IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN)
     return nn.Parameter(tensor, requires_grad=False)
 

@@ -2,7 +2,8 @@
 
 `int4_linear(x, packed, scales, group_size, int8_activations)` computes x @ W^T with W = unpack(packed) *
 scales, and (int8_activations) x replaced by its per-token int8 asymmetric quantization first: the same
-numbers as the fake-quantized model. The backend is chosen by measurement (benchmarks/int4_decode.py,
+numbers as the fake-quantized model. With int8 activations (the cpu scheme) the weights come in 8-row
+panels (layout.py), the order that kernel reads; weight-only, in rows. The backend is chosen by measurement (benchmarks/int4_decode.py,
 benchmarks/results/int4_decode.json): on the AVX2 (no AVX512/VNNI) machine it was measured on, a 6144x1280
 decode GEMV took 15.5 ms with PyTorch's `_weight_int4pack_mm_for_cpu`, 14.1 ms with `_dyn_quant_matmul_4bit`
 (no KleidiAI on x86: a reference loop), 1.76 ms in fp32 and 0.47 ms with this C++ extension, so "cpp" is
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .layout import from_panels
 from .math import dequantize_int4, fake_quantize_int8_per_token, unpack_int4
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ def load_extension():
         return None
     # The build registers torch.ops.mobilellm.*; their output shapes, for torch.compile:
     torch.library.register_fake("mobilellm::int4_linear_a8")(
-        lambda x, packed, scales, correction, group_size: x.new_empty(x.shape[0], packed.shape[0]))
+        lambda x, packed, scales, correction, group_size, out_features: x.new_empty(x.shape[0], out_features))
     torch.library.register_fake("mobilellm::int4_linear_f32")(
         lambda x, packed, scales, group_size: x.new_empty(x.shape[0], packed.shape[0]))
     torch.library.register_fake("mobilellm::int8_kv_attention")(
@@ -69,39 +71,43 @@ def default_backend() -> str:
 
 
 def int4_linear_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int,
-                          int8_activations: bool) -> torch.Tensor:
-    """The dequantized math: (M, K) x (N, K/2) packed -> (M, N). Materialises W in float (slow, exact)."""
-    w = dequantize_int4(unpack_int4(packed), scales)  # (N, K) fp32
+                          int8_activations: bool, out_features: int | None = None) -> torch.Tensor:
+    """The dequantized math: (M, K) x packed weights -> (M, N). Materialises W in float (slow, exact)."""
     if int8_activations:
+        packed, scales = from_panels(packed, scales, out_features or packed.shape[0])
         x = fake_quantize_int8_per_token(x.float())
-    return F.linear(x.float(), w)
+    return F.linear(x.float(), dequantize_int4(unpack_int4(packed), scales))
 
 
 def row_correction(packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(N,) float: sum over groups of scale x (sum of the group's int4 values), which the cpp int8-activation
-    kernel needs for the activation zero point. Depends only on the weights: compute it once per matrix."""
+    """(N rounded up to 8,) float: per row, the sum over groups of scale x (sum of the group's int4 values),
+    which the cpp int8-activation kernel needs for the activation zero point. Panel-layout weights. Depends
+    only on the weights: compute it once per matrix."""
     return load_extension().int4_row_correction(packed, scales, group_size)
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int,
                 int8_activations: bool, backend: str | None = None,
-                correction: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) -> (..., N) in x's dtype. `correction`: row_correction(packed, scales, group_size), cached
-    by the caller (computed here when missing). Lean on purpose: a decode step makes 200+ of these calls."""
+                correction: torch.Tensor | None = None, out_features: int | None = None) -> torch.Tensor:
+    """x (..., K) -> (..., N) in x's dtype. int8_activations: packed and scales are panels (layout.to_panels)
+    whose first `out_features` rows (default: all) are the matrix. `correction`: row_correction(packed,
+    scales, group_size), cached by the caller (computed here when missing). Lean on purpose: a decode step
+    makes 200+ of these calls."""
     backend = backend or default_backend()
     K = x.shape[-1]
     x2 = x.reshape(-1, K)  # (M, K)
-    if backend == "cpp" and (K % 64 == 0 or not int8_activations):  # the a8 kernel takes 32-blocks in pairs
+    if backend == "cpp":
         if not torch.compiler.is_compiling() and load_extension() is None:
             raise RuntimeError("the int4 C++ kernels are not available on this machine (no AVX2 or no compiler)")
         if int8_activations:
             if correction is None:
                 correction = row_correction(packed, scales, group_size)
-            y = torch.ops.mobilellm.int4_linear_a8(x2.float().contiguous(), packed, scales, correction, group_size)
+            y = torch.ops.mobilellm.int4_linear_a8(x2.float().contiguous(), packed, scales, correction, group_size,
+                                                   out_features or packed.shape[0])
         else:
             y = torch.ops.mobilellm.int4_linear_f32(x2.float().contiguous(), packed, scales, group_size)
     elif backend in BACKENDS:
-        y = int4_linear_reference(x2, packed, scales, group_size, int8_activations)
+        y = int4_linear_reference(x2, packed, scales, group_size, int8_activations, out_features)
     else:
         raise ValueError(f"unknown int4 backend {backend!r}; expected one of {BACKENDS}")
     return y.view(*x.shape[:-1], -1).to(x.dtype)

@@ -13,20 +13,38 @@ from torch import nn
 
 from ..model import Attention
 from .kernels import default_backend, int4_linear, row_correction
+from .layout import from_panels, panel_rows, to_panels
 from .math import dequantize_int4, fake_quantize_kv_int8, unpack_int4
 
 
 class QuantizedLinear(nn.Module):
-    """`shared=True` (a tied LM head): the buffers belong to the embedding and are left out of the state dict."""
+    """`packed`, `scales`: int4 weights of `out_features` rows, in 8-row panels (layout.py) when the activations
+    are int8 (what that kernel reads), else in rows. `shared=True` (a tied LM head): the buffers belong to the
+    embedding and are left out of the state dict."""
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, group_size: int, int8_activations: bool,
-                 shared: bool = False):
+                 shared: bool = False, out_features: int | None = None):
         super().__init__()
-        self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
+        self.out_features, self.in_features = out_features or packed.shape[0], packed.shape[1] * 2
         self.group_size, self.int8_activations = group_size, int8_activations
-        self.register_buffer("packed_weight", packed, persistent=not shared)  # (N, K/2) uint8
-        self.register_buffer("weight_scale", scales, persistent=not shared)  # (N, K/group)
+        self.register_buffer("packed_weight", packed, persistent=not shared)
+        self.register_buffer("weight_scale", scales, persistent=not shared)
         self._correction_key, self._correction_value = None, None
+
+    @classmethod
+    def from_rows(cls, packed: torch.Tensor, scales: torch.Tensor, group_size: int, int8_activations: bool,
+                  shared: bool = False) -> "QuantizedLinear":
+        """From row-layout (N, K/2) packed weights and (N, K/G) scales (math.pack_int4)."""
+        n = packed.shape[0]
+        if int8_activations:
+            packed, scales = to_panels(packed, scales)
+        return cls(packed, scales, group_size, int8_activations, shared, out_features=n)
+
+    def int4_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed (N, K/2), scales (N, K/G)) in row layout, whatever the storage order."""
+        if self.int8_activations:
+            return from_panels(self.packed_weight, self.weight_scale, self.out_features)
+        return self.packed_weight, self.weight_scale
 
     @classmethod
     def concatenate(cls, linears: list["QuantizedLinear"]) -> "QuantizedLinear":
@@ -35,14 +53,15 @@ class QuantizedLinear(nn.Module):
         if any((m.in_features, m.group_size, m.int8_activations) != (first.in_features, first.group_size,
                                                                       first.int8_activations) for m in linears):
             raise ValueError("only int4 linears with the same input size, group size and activations concatenate")
-        return cls(torch.cat([m.packed_weight for m in linears]), torch.cat([m.weight_scale for m in linears]),
-                   first.group_size, first.int8_activations)
+        rows = [m.int4_rows() for m in linears]
+        return cls.from_rows(torch.cat([p for p, _ in rows]), torch.cat([s for _, s in rows]), first.group_size,
+                             first.int8_activations)
 
     def forward(self, x):  # (..., K) -> (..., N)
         backend = default_backend()
         correction = self._correction() if self.int8_activations and backend == "cpp" else None
         return int4_linear(x, self.packed_weight, self.weight_scale, self.group_size, self.int8_activations,
-                           backend, correction)
+                           backend, correction, self.out_features)
 
     def _correction(self) -> torch.Tensor:
         """The kernel's per-row constant, recomputed only when the weights change (a load, an in-place copy).
@@ -57,7 +76,8 @@ class QuantizedLinear(nn.Module):
         return self._correction_value
 
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize_int4(unpack_int4(self.packed_weight), self.weight_scale)
+        packed, scales = self.int4_rows()
+        return dequantize_int4(unpack_int4(packed), scales)
 
     def extra_repr(self) -> str:
         act = "int8 dynamic" if self.int8_activations else "float"
@@ -65,17 +85,30 @@ class QuantizedLinear(nn.Module):
 
 
 class QuantizedEmbedding(nn.Module):
-    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """`packed`, `scales`: int4 rows of the table, in 8-row panels when `panels` (the cpu scheme, whose tied
+    LM head reads the same buffers), else in rows."""
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32,
+                 panels: bool = False, num_embeddings: int | None = None):
         super().__init__()
-        self.num_embeddings, self.embedding_dim = packed.shape[0], packed.shape[1] * 2
-        self.dtype = dtype
-        self.register_buffer("packed_weight", packed)  # (V, dim/2) uint8
-        self.register_buffer("weight_scale", scales)  # (V, dim/group)
+        self.num_embeddings, self.embedding_dim = num_embeddings or packed.shape[0], packed.shape[1] * 2
+        self.dtype, self.panels = dtype, panels
+        self.register_buffer("packed_weight", packed)
+        self.register_buffer("weight_scale", scales)
 
     def forward(self, tokens):  # (B, T) -> (B, T, dim): unpack only the looked-up rows
         flat = tokens.reshape(-1)
-        rows = dequantize_int4(unpack_int4(self.packed_weight[flat]), self.weight_scale[flat], self.dtype)
-        return rows.reshape(*tokens.shape, self.embedding_dim)
+        if self.panels:
+            packed, scales = panel_rows(self.packed_weight, self.weight_scale, flat)
+        else:
+            packed, scales = self.packed_weight[flat], self.weight_scale[flat]
+        return dequantize_int4(unpack_int4(packed), scales, self.dtype).reshape(*tokens.shape, self.embedding_dim)
+
+    def int4_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed (V, dim/2), scales (V, dim/G)) in row layout."""
+        if self.panels:
+            return from_panels(self.packed_weight, self.weight_scale, self.num_embeddings)
+        return self.packed_weight, self.weight_scale
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int4 group={self.embedding_dim // self.weight_scale.shape[1]}"

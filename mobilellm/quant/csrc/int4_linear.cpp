@@ -1,29 +1,31 @@
 // Packed-int4 linear layers for x86-64 CPUs with AVX2 + FMA + F16C (built at first use by kernels.py).
 //
-// Weights: uint8 (N, K/2); inside every 32-column block, byte i holds column i (low nibble) and column
-// i + 16 (high nibble), each stored as value + 8 (values in [-8, 7]). Scales: (N, K/G), float or half.
+// Weights: uint8; inside every 32-column block of a row, byte i holds column i (low nibble) and column
+// i + 16 (high nibble), each stored as value + 8 (values in [-8, 7]).
 //
-// int4_linear_a8: int8 dynamic asymmetric per-token activations (the cpu scheme). Each row of x is
-// quantized here with exactly the formulas of mobilellm/quant/math.py (same IEEE float ops, round half
-// to even); each group's integer dot product is exact, groups are combined in float (see a8_dot).
-// int4_linear_f32: weight-only (float activations), for the accelerator scheme on a CPU.
+// int4_linear_a8: int8 dynamic asymmetric per-token activations (the cpu scheme). Weights and scales come in
+// 8-row panels (mobilellm/quant/layout.py): per panel and 32-block, 128 bytes = four 32-byte words, word q
+// holding bytes 4q..4q+3 of the block of rows 0..7 in turn; then the 8 rows' scales of each group together.
+// So one load gives 8 weights of each of 8 rows, eight outputs are computed at once (one int32 lane each:
+// no horizontal sums, no per-row set-up), and a panel is one sequential stream for the prefetcher.
+// Each row of x is quantized here with exactly the formulas of mobilellm/quant/math.py (same IEEE float
+// ops, round half to even); each group's integer dot product is exact, groups are combined in float.
+// int4_linear_f32: weight-only (float activations, rows in order), for the accelerator scheme on a CPU.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include "avx2_common.h"
 #include <cmath>
+#include <cstring>
 
-// Measured on pro-1b's shapes with the weights read from memory (benchmarks/int4_decode.py): one row at a
-// time (a single sequential stream, which the hardware prefetcher follows best) reached 75-81% of the read
-// roofline on one core, 4 interleaved rows 60-69%, 8 rows 41-59%; prefetch distances of 512-1024 bytes
-// were alike, 384 and below worse.
-#ifndef ROWS_PER_BLOCK
-#define ROWS_PER_BLOCK 1
-#endif
+// A panel-block is 128 bytes; the next few are fetched ahead. On pro-1b's shapes (2 threads) 512-1024 bytes
+// ahead were alike and 2048 worse.
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 768
 #endif
+
+constexpr int64_t PANEL = 8;
 
 namespace {
 
@@ -42,9 +44,7 @@ inline float to_float(at::Half s) { return _cvtsh_ss(s.x); }
 
 // Per-token int8 qparams and values, bit-identical to math.quantize_int8_per_token (IEEE division and
 // round-half-to-even in both), stored as u = q + 128 in [0, 255], and the sum of u over each 32-block.
-// `paired`: u in the block-pair layout of a8_dot (per 64 columns: 0-15, 32-47, 16-31, 48-63), else in order.
-void quantize_row(const float* x, int64_t K, bool paired, uint8_t* u, float* block_usum, float* scale_out,
-                  int32_t* zpu_out) {
+void quantize_row(const float* x, int64_t K, uint8_t* u, float* block_usum, float* scale_out, int32_t* zpu_out) {
   __m256 vlo = _mm256_setzero_ps(), vhi = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; k += 8) {
     const __m256 v = _mm256_loadu_ps(x + k);
@@ -74,133 +74,98 @@ void quantize_row(const float* x, int64_t K, bool paired, uint8_t* u, float* blo
                                             _mm256_extract_epi64(s, 2) + _mm256_extract_epi64(s, 3));
     return q;
   };
-  for (int64_t k = 0; k < K; k += 64) {
-    const __m256i q0 = block(k), q1 = block(k + 32);
-    __m256i* out = reinterpret_cast<__m256i*>(u + k);
-    _mm256_storeu_si256(out, paired ? _mm256_permute2x128_si256(q0, q1, 0x20) : q0);
-    _mm256_storeu_si256(out + 1, paired ? _mm256_permute2x128_si256(q0, q1, 0x31) : q1);
-  }
+  for (int64_t k = 0; k < K; k += 32)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(u + k), block(k));
   *scale_out = scale;
   *zpu_out = static_cast<int32_t>(zp) + 128;
 }
 
-// The cpu-scheme dot product. With u = q + 128, wu = w + 8 (the stored nibble) and zpu = zp + 128, a 32-block
-// b of row n, with scale s_b, contributes s_b * sum (u - zpu) * w = s_b * (sum u * wu - 8 * usum_b - zpu * wsum_b).
-// - sum u * wu: the weights are only loaded, masked and shifted, and fed to maddubs (u unsigned, wu <= 15).
-//   Two blocks go together: 32 bytes of weights hold the low nibbles (columns 0-15) of blocks 2p and 2p+1,
-//   and their high nibbles (16-31) four bits up, so one mask gives [2p: 0-15 | 2p+1: 0-15] and a shift and a
-//   mask [2p: 16-31 | 2p+1: 16-31]; the activations are stored in that order (quantize_row, paired). The
-//   two maddubs results add in int16 (2 * 2 * 255 * 15 < 2^15), one madd gives 4 lanes per block, and one FMA
-//   scales them with [s_2p x4 | s_2p+1 x4].
-// - 8 * sum_b s_b * usum_b: the scale row dotted with the token's block sums, 1/32 of the work.
+inline __m256 load8(const float* s) { return _mm256_loadu_ps(s); }
+inline __m256 load8(const at::Half* s) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s))); }
+
+// The cpu-scheme dot product, one token against one panel (8 rows). With u = q + 128, wu = w + 8 (the stored
+// nibble) and zpu = zp + 128, the 32-block b of row n, with scale s_b, contributes
+//   s_b * sum (u - zpu) * w = s_b * (sum u * wu - 8 * usum_b - zpu * wsum_b).
+// - sum u * wu: a word's nibbles are masked (columns 4q..4q+3 of each row) or shifted and masked (16+4q..),
+//   multiplied by the matching 4 activations broadcast to every lane (maddubs: u unsigned, wu <= 15), and
+//   four words' int16 pair sums add up without overflow (4 * 2 * 255 * 15 < 2^15) before one madd widens.
+// - 8 * sum_b s_b * usum_b: one FMA per block, beside the main one.
 // - zpu * C[n], C[n] = sum_b s_b * wsum_b: one constant per row, computed once per matrix (int4_row_correction).
-// R weight rows x one token; sc: the R rows' per-block scales as float, row r at sc + r * (K / 32).
-// Four blocks (one 64-byte line of weights) per iteration into two accumulators: with one, every FMA waited
-// for the previous one (a 4-5 cycle chain per 32 bytes), which capped a core below its share of bandwidth.
-template <int R>
-inline void a8_dot(const uint8_t* um, const float* usum, float xs, float zpu, const uint8_t* w, int64_t row_bytes,
-                   const float* sc, const float* corr, int64_t K, float* out) {
-  const int64_t n_blocks = K / 32;
-  const __m256i ones = _mm256_set1_epi16(1), mask = _mm256_set1_epi8(0x0F);
-  const __m256i first_pair = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), second_pair = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
-  // 64 weights (blocks b, b + 1) against their activations: 8 int32 lanes, 4 per block.
-  auto pair_dot = [&](const uint8_t* p, int64_t b) {
-    const __m256i ua = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(um + b * 32));
-    const __m256i ub = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(um + b * 32 + 32));
-    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    const __m256i lo = _mm256_and_si256(wv, mask), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), mask);
-    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(ua, lo), _mm256_maddubs_epi16(ub, hi));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-  };
-  __m256 acc0[R], acc1[R];
-  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
-  int64_t b = 0;
-  for (; b + 4 <= n_blocks; b += 4) {
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* p = w + r * row_bytes + b * 16;
-      _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH_BYTES), _MM_HINT_T0);
-      const __m256 s4 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(sc + r * n_blocks + b));
-      acc0[r] = _mm256_fmadd_ps(pair_dot(p, b), _mm256_permutevar8x32_ps(s4, first_pair), acc0[r]);
-      acc1[r] = _mm256_fmadd_ps(pair_dot(p + 32, b + 2), _mm256_permutevar8x32_ps(s4, second_pair), acc1[r]);
+// sp: this panel's scales, (K/G groups) x 8 rows.
+template <typename S>
+inline __m256 panel_dot(const uint8_t* u, const float* usum, float xs, float zpu, const uint8_t* wp, const S* sp,
+                        const float* corr, int64_t K, int64_t G) {
+  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const int64_t n_blocks = K / 32, blocks_per_group = G / 32;
+  __m256 acc = _mm256_setzero_ps(), off = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const uint8_t* p = wp + b * 4 * 32;
+    _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH_BYTES), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH_BYTES + 64), _MM_HINT_T0);
+    const uint8_t* ub = u + b * 32;
+    __m256i sum_lo = _mm256_setzero_si256(), sum_hi = _mm256_setzero_si256();
+    for (int q = 0; q < 4; ++q) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * q));
+      int32_t a_lo, a_hi;  // activations of columns 4q..4q+3 and 16+4q..16+4q+3
+      std::memcpy(&a_lo, ub + 4 * q, 4);
+      std::memcpy(&a_hi, ub + 16 + 4 * q, 4);
+      sum_lo = _mm256_add_epi16(sum_lo, _mm256_maddubs_epi16(_mm256_set1_epi32(a_lo), _mm256_and_si256(w, mask)));
+      sum_hi = _mm256_add_epi16(sum_hi, _mm256_maddubs_epi16(_mm256_set1_epi32(a_hi),
+                                                             _mm256_and_si256(_mm256_srli_epi16(w, 4), mask)));
     }
+    const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(sum_lo, ones), _mm256_madd_epi16(sum_hi, ones));
+    const __m256 s = load8(sp + (b / blocks_per_group) * PANEL);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc);
+    off = _mm256_fmadd_ps(s, _mm256_set1_ps(usum[b]), off);
   }
-  for (; b < n_blocks; b += 2) {  // K = 64 (mod 128): one pair left
-    for (int r = 0; r < R; ++r) {
-      const float* s = sc + r * n_blocks + b;
-      acc0[r] = _mm256_fmadd_ps(pair_dot(w + r * row_bytes + b * 16, b),
-                                _mm256_set_m128(_mm_broadcast_ss(s + 1), _mm_broadcast_ss(s)), acc0[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    __m256 off = _mm256_setzero_ps();
-    for (int64_t b = 0; b < n_blocks; b += 8)
-      off = _mm256_fmadd_ps(_mm256_loadu_ps(sc + r * n_blocks + b), _mm256_loadu_ps(usum + b), off);
-    out[r] = (hsum8(_mm256_add_ps(acc0[r], acc1[r])) - 8.0f * hsum8(off) - zpu * corr[r]) * xs;
-  }
-}
-
-// Per-32-block float scales of `rows` rows (a group of G columns spans G / 32 blocks).
-inline void block_scales(const float* s, int64_t n, float* out) { std::copy(s, s + n, out); }
-inline void block_scales(const at::Half* s, int64_t n, float* out) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
-  for (; i < n; ++i) out[i] = _cvtsh_ss(s[i].x);
+  const __m256 centred = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), off, acc);
+  return _mm256_mul_ps(_mm256_fnmadd_ps(_mm256_set1_ps(zpu), _mm256_loadu_ps(corr), centred), _mm256_set1_ps(xs));
 }
 
 template <typename S>
-void block_scales(const S* sc, int64_t rows, int64_t K, int64_t G, float* out) {
-  const int64_t n_groups = K / G, per_group = G / 32;
-  block_scales(sc, rows * n_groups, out);
-  if (per_group == 1) return;
-  for (int64_t i = rows * n_groups - 1; i >= 0; --i)  // spread in place, back to front
-    for (int64_t j = per_group - 1; j >= 0; --j) out[i * per_group + j] = out[i];
-}
-
-template <typename S>
-void a8_rows(const uint8_t* u, const float* usum, const float* xs, const int32_t* zpu, int64_t M, const uint8_t* w,
-             const S* sc, const float* corr, int64_t N, int64_t K, int64_t G, float* y) {
-  constexpr int R = ROWS_PER_BLOCK;
-  const int64_t n_blocks = K / 32, row_bytes = K / 2;
-  // Weight rows outer, tokens inner: a row stays in L1 while every token (prefill) passes by.
-  at::parallel_for(0, (N + R - 1) / R, 16, [&](int64_t b0, int64_t b1) {
-    std::vector<float> scf(R * n_blocks + 8);  // padded: the off loop reads 8 at a time
-    float out[R];
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t n = blk * R, rows = std::min<int64_t>(R, N - n);
-      block_scales(sc + n * (K / G), rows, K, G, scf.data());
+void a8_panels(const uint8_t* u, const float* usum, const float* xs, const int32_t* zpu, int64_t M, const uint8_t* w,
+               const S* sc, const float* corr, int64_t N, int64_t K, int64_t G, float* y) {
+  const int64_t n_panels = (N + PANEL - 1) / PANEL, n_groups = K / G;
+  // Panels outer, tokens inner: a panel (4 KB at K = 1280) stays in L1 while every token (prefill) passes by.
+  at::parallel_for(0, n_panels, 4, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t rows = std::min(PANEL, N - p * PANEL);
       for (int64_t m = 0; m < M; ++m) {
-        const uint8_t* um = u + m * K;
-        const float* us = usum + m * (n_blocks + 8);
-        const float zp = static_cast<float>(zpu[m]);
-        if (rows == R) {
-          a8_dot<R>(um, us, xs[m], zp, w + n * row_bytes, row_bytes, scf.data(), corr + n, K, out);
+        const __m256 out = panel_dot(u + m * K, usum + m * (K / 32), xs[m], static_cast<float>(zpu[m]),
+                                     w + p * PANEL * (K / 2), sc + p * PANEL * n_groups, corr + p * PANEL, K, G);
+        float* dst = y + m * N + p * PANEL;
+        if (rows == PANEL) {
+          _mm256_storeu_ps(dst, out);
         } else {
-          for (int64_t r = 0; r < rows; ++r)
-            a8_dot<1>(um, us, xs[m], zp, w + (n + r) * row_bytes, row_bytes, scf.data() + r * n_blocks, corr + n + r, K, out + r);
+          float tail[PANEL];
+          _mm256_storeu_ps(tail, out);
+          for (int64_t r = 0; r < rows; ++r) dst[r] = tail[r];
         }
-        for (int64_t r = 0; r < rows; ++r) y[m * N + n + r] = out[r];  // not std::copy: a memmove call per row
       }
     }
   });
 }
 
-// C[n] = sum_g scale[n, g] * (sum of the signed int4 values of group g of row n).
+// C[n] = sum_g scale[n, g] * (sum of the signed int4 values of group g of row n), for panel-layout weights.
 template <typename S>
-void row_correction(const uint8_t* w, const S* sc, int64_t N, int64_t K, int64_t G, float* corr) {
-  const int64_t n_groups = K / G, row_bytes = K / 2;
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      float c = 0.f;
-      for (int64_t g = 0; g < n_groups; ++g) {
-        int32_t s = 0;
-        for (int64_t i = g * G / 2; i < (g + 1) * G / 2; ++i) {
-          const uint8_t b = w[n * row_bytes + i];
-          s += (b & 0x0F) + (b >> 4) - 16;
+void row_correction(const uint8_t* w, const S* sc, int64_t n_rows, int64_t K, int64_t G, float* corr) {
+  const int64_t n_groups = K / G, words_per_group = G / 8;  // a 4-byte word holds 8 values
+  at::parallel_for(0, n_rows / PANEL, 16, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const uint8_t* panel = w + p * PANEL * (K / 2);
+      for (int64_t r = 0; r < PANEL; ++r) {
+        float c = 0.f;
+        for (int64_t g = 0; g < n_groups; ++g) {
+          int32_t s = 0;
+          for (int64_t word = g * words_per_group; word < (g + 1) * words_per_group; ++word)
+            for (int64_t i = 0; i < 4; ++i) {
+              const uint8_t byte = panel[(word * PANEL + r) * 4 + i];
+              s += (byte & 0x0F) + (byte >> 4) - 16;
+            }
+          c += to_float(sc[(p * n_groups + g) * PANEL + r]) * static_cast<float>(s);
         }
-        c += to_float(sc[n * n_groups + g]) * static_cast<float>(s);
+        corr[p * PANEL + r] = c;
       }
-      corr[n] = c;
     }
   });
 }
@@ -253,21 +218,30 @@ void check(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& 
 // Test hook: x (M, K) float -> (int8 values (M, K), scale (M), zero point (M)), as math.quantize_int8_per_token.
 std::vector<torch::Tensor> quantize_rows_int8(torch::Tensor x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x must be contiguous float (M, K)");
-  TORCH_CHECK(x.size(1) % 64 == 0, "K must be a multiple of 64");
+  TORCH_CHECK(x.size(1) % 32 == 0, "K must be a multiple of 32");
   const int64_t M = x.size(0), K = x.size(1);
   auto u = torch::empty({M, K}, torch::kByte);
   auto scale = torch::empty({M}, torch::kFloat);
   auto zpu = torch::empty({M}, torch::kInt);
   std::vector<float> usum(K / 32);
   for (int64_t m = 0; m < M; ++m)
-    quantize_row(x.data_ptr<float>() + m * K, K, false, u.data_ptr<uint8_t>() + m * K, usum.data(),
+    quantize_row(x.data_ptr<float>() + m * K, K, u.data_ptr<uint8_t>() + m * K, usum.data(),
                  scale.data_ptr<float>() + m, zpu.data_ptr<int32_t>() + m);
   return {(u.to(torch::kInt) - 128).to(torch::kChar), scale, zpu - 128};
 }
 
+// Panel-layout weights (N rounded up to 8 rows, K/2) and scales (same rows, K/G).
+void check_panels(const torch::Tensor& w, const torch::Tensor& sc, int64_t G) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kByte && w.is_contiguous() && w.size(0) % PANEL == 0,
+              "weights must be contiguous uint8 8-row panels (N rounded up to 8, K/2): see layout.to_panels");
+  TORCH_CHECK(G % 32 == 0 && (w.size(1) * 2) % G == 0, "group size must be a multiple of 32 dividing K");
+  TORCH_CHECK(sc.is_contiguous() && sc.dim() == 2 && sc.size(0) == w.size(0) && sc.size(1) == w.size(1) * 2 / G,
+              "scales must be panels of (N rounded up to 8, K/G)");
+  TORCH_CHECK(sc.scalar_type() == torch::kFloat || sc.scalar_type() == torch::kHalf, "scales must be float32 or float16");
+}
+
 torch::Tensor int4_row_correction(torch::Tensor w, torch::Tensor sc, int64_t G) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kByte && w.is_contiguous(), "weights must be contiguous uint8 (N, K/2)");
-  check(torch::empty({0, w.size(1) * 2}), w, sc, G);
+  check_panels(w, sc, G);
   const int64_t N = w.size(0), K = w.size(1) * 2;
   auto corr = torch::empty({N}, torch::kFloat);
   if (sc.scalar_type() == torch::kHalf)
@@ -277,25 +251,28 @@ torch::Tensor int4_row_correction(torch::Tensor w, torch::Tensor sc, int64_t G) 
   return corr;
 }
 
-torch::Tensor int4_linear_a8(torch::Tensor x, torch::Tensor w, torch::Tensor sc, torch::Tensor corr, int64_t G) {
-  check(x, w, sc, G);
+// y (M, N) for x (M, K); w, sc panels of N rows (padding rows are computed and dropped).
+torch::Tensor int4_linear_a8(torch::Tensor x, torch::Tensor w, torch::Tensor sc, torch::Tensor corr, int64_t G,
+                             int64_t N) {
+  check_panels(w, sc, G);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x must be contiguous float (M, K)");
+  TORCH_CHECK(w.size(1) * 2 == x.size(1), "weights (N, K/2) do not match x (M, K)");
+  TORCH_CHECK(N > w.size(0) - PANEL && N <= w.size(0), "out_features does not match the weight panels");
   TORCH_CHECK(corr.scalar_type() == torch::kFloat && corr.is_contiguous() && corr.dim() == 1 && corr.size(0) == w.size(0),
-              "row correction must be float (N,): see int4_row_correction");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+              "row correction must be float (N rounded up to 8,): see int4_row_correction");
+  const int64_t M = x.size(0), K = x.size(1);
   auto u = torch::empty({M, K}, torch::kByte);
-  TORCH_CHECK(K % 64 == 0, "int4_linear_a8 needs K to be a multiple of 64");
-  std::vector<float> usum(M * (K / 32 + 8), 0.f), xs(M);  // each row padded by 8 zeros (see a8_dot)
+  std::vector<float> usum(M * (K / 32)), xs(M);
   std::vector<int32_t> zpu(M);
   for (int64_t m = 0; m < M; ++m)
-    quantize_row(x.data_ptr<float>() + m * K, K, true, u.data_ptr<uint8_t>() + m * K, usum.data() + m * (K / 32 + 8),
-                 &xs[m], &zpu[m]);
+    quantize_row(x.data_ptr<float>() + m * K, K, u.data_ptr<uint8_t>() + m * K, usum.data() + m * (K / 32), &xs[m], &zpu[m]);
   auto y = torch::empty({M, N}, torch::kFloat);
   if (sc.scalar_type() == torch::kHalf)
-    a8_rows(u.data_ptr<uint8_t>(), usum.data(), xs.data(), zpu.data(), M, w.data_ptr<uint8_t>(), sc.data_ptr<at::Half>(),
-            corr.data_ptr<float>(), N, K, G, y.data_ptr<float>());
+    a8_panels(u.data_ptr<uint8_t>(), usum.data(), xs.data(), zpu.data(), M, w.data_ptr<uint8_t>(), sc.data_ptr<at::Half>(),
+              corr.data_ptr<float>(), N, K, G, y.data_ptr<float>());
   else
-    a8_rows(u.data_ptr<uint8_t>(), usum.data(), xs.data(), zpu.data(), M, w.data_ptr<uint8_t>(), sc.data_ptr<float>(),
-            corr.data_ptr<float>(), N, K, G, y.data_ptr<float>());
+    a8_panels(u.data_ptr<uint8_t>(), usum.data(), xs.data(), zpu.data(), M, w.data_ptr<uint8_t>(), sc.data_ptr<float>(),
+              corr.data_ptr<float>(), N, K, G, y.data_ptr<float>());
   return y;
 }
 
@@ -313,7 +290,7 @@ torch::Tensor int4_linear_f32(torch::Tensor x, torch::Tensor w, torch::Tensor sc
 // Dispatcher ops (torch.ops.mobilellm.*): ~2 us per call where a Python custom op costs ~15, and still
 // traceable by torch.compile (kernels.py registers their fake implementations).
 TORCH_LIBRARY(mobilellm, m) {
-  m.def("int4_linear_a8(Tensor x, Tensor w, Tensor scales, Tensor correction, int group_size) -> Tensor");
+  m.def("int4_linear_a8(Tensor x, Tensor w, Tensor scales, Tensor correction, int group_size, SymInt out_features) -> Tensor");
   m.def("int4_linear_f32(Tensor x, Tensor w, Tensor scales, int group_size) -> Tensor");
 }
 
