@@ -59,6 +59,27 @@ def test_compiled_int4_decode_gives_the_eager_tokens(tmp_path, capsys):
     assert outputs[0] == outputs[1]
 
 
+def test_compiled_int4_decode_compiles_once_across_the_ring_wrap():
+    """The compiled step (C++ wrapper, static cache shapes, symbolic position) matches eager decode on the
+    same tokens before, at and after the sliding layers' ring wraps (window 8), from one compilation."""
+    from torch._dynamo.utils import counters
+
+    from mobilellm.infer.engine import compiled_decode_step, decode_one_token, prefill
+
+    model = quantize_(build_model(ModelConfig.from_name("tiny"), seed=0).eval(), QuantConfig.from_scheme("cpu"))
+    step = compiled_decode_step(model)
+    eager_cache, compiled_cache = (new_cache(model, max_len=40, int8=True) for _ in range(2))
+    prompt = torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(0))
+    eager = prefill(model, prompt, eager_cache)
+    prefill(model, prompt, compiled_cache)
+    graphs_before = counters["stats"]["unique_graphs"]
+    for _ in range(20):  # positions 4..23: the ring (8 slots) wraps twice
+        token = eager.argmax(-1, keepdim=True)
+        eager, compiled = decode_one_token(model, token, eager_cache), step(model, token, compiled_cache)
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1
+
+
 @pytest.mark.parametrize("quantized", [False, True])
 def test_fused_projections_decode_like_separate_ones(quantized):
     """q/k/v and gate/up fused into one matrix each (what generate runs): the same logits, exactly for int4

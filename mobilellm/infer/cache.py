@@ -141,7 +141,7 @@ class KVCache:
             k_pos = torch.arange(start + T, device=k.device).expand(B, -1)
             return k_all, v_all, k_pos
         if T == 1:  # one token overwrites only the slot just out of its window: write, then read the ring
-            store.write(slice(start % self.window, start % self.window + 1), k, v)
+            store.write(self.ring_slot(start, k.device), k, v)
             k_all, v_all = store.read(self.window)
             return k_all, v_all, ring_positions(start + 1, self.window, k.device).expand(B, -1)
         # A chunk: old slots first (read before the chunk overwrites them), then the chunk itself.
@@ -154,6 +154,11 @@ class KVCache:
         store.write(slots, k[:, :, T - keep:], v[:, :, T - keep:])
         return k_all, v_all, k_pos
 
+    def ring_slot(self, position: int, device) -> torch.Tensor:
+        """The ring slot of `position` as an index tensor. A slice there would make torch.compile guard on
+        whether the slot is 0 (a view's offset) and compile the decode step again when the ring wraps."""
+        return torch.arange(position, position + 1, device=device) % self.window
+
     def advance(self, T: int) -> None:
         self.next_position += T
 
@@ -164,17 +169,20 @@ class KVCache:
         start = self.next_position
         self.check_room(1)
         store, ring = self.stores[layer], self.is_ring(layer)
-        slot = start % self.window if ring else start
-        store.write(slice(slot, slot + 1), k, v)
-        n = min(start + 1, self.window) if ring else start + 1
+        store.write(self.ring_slot(start, k.device) if ring else slice(start, start + 1), k, v)
+        n = torch.sym_min(start + 1, self.window) if ring else start + 1  # sym_min: no recompile at the wrap
         return int8_kv_attention(q, store.k, store.k_scale, store.v, store.v_scale, n)
 
     # ---- bookkeeping ----------------------------------------------------------------------------
     def reset(self) -> None:
         self.next_position = 0
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the cache holds: the stores and the rotation tables."""
+        return [t for store in self.stores for t in store.tensors()] + [self.rotation_table.cos, self.rotation_table.sin]
+
     def nbytes(self) -> int:
-        """Bytes actually allocated by the cache's tensors."""
+        """Bytes actually allocated by the cache's K and V (and their scales)."""
         return sum(t.untyped_storage().nbytes() for s in self.stores for t in s.tensors())
 
 

@@ -10,6 +10,7 @@ attend to everything cached so far. Memory stays bounded by the chunk size at an
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -100,16 +101,30 @@ def generate(model, prompt: Sequence[int] | torch.Tensor, cache: KVCache, *, max
 
 
 def compiled_decode_step(model):
-    """decode_one_token under torch.compile, for `model` only (dynamic shapes: the global layers' key count
-    grows each step). Guards on the model's modules are skipped: checking ~1,000 module attributes cost
-    2.5 ms of a 50 ms int4 pro-1b step. So the step is bound to this model, whose structure must not change
-    (its weights may, in place)."""
-    step = torch.compile(decode_one_token, dynamic=True,
-                         options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+    """decode_one_token under torch.compile, for `model` only. Three choices keep the per-token overhead small
+    (int4 pro-1b, 2 threads, benchmarks/int4_roofline.py):
+
+    - Only the cache position, which changes every step, is traced as a symbol: the model's buffers and each
+      cache's tensors are marked static. Left dynamic, their shapes' relations were checked in Python at every
+      step (0.7 ms), and an int4 model's buffers would all be dynamic (only Parameters are static by default).
+    - Inductor drives its kernels from generated C++ (cpp_wrapper) rather than Python: about 1 ms less per
+      step. The price is compiling that C++ once, minutes for 30 layers on 2 cores; inductor caches it on disk.
+    - Guards on the model's modules are skipped: checking ~1,000 module attributes cost 2.5 ms of a 50 ms step.
+      So the step is bound to this model, whose structure must not change (its weights may, in place).
+    """
+    step = torch.compile(decode_one_token, dynamic=True, options={
+        "cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        torch._dynamo.mark_static(tensor)
+    marked_caches = weakref.WeakSet()
 
     def compiled_step(m, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
         if m is not model:
             raise ValueError("this compiled decode step belongs to another model: compile one per model")
+        if cache not in marked_caches:
+            for tensor in cache.tensors():
+                torch._dynamo.mark_static(tensor)
+            marked_caches.add(cache)
         return step(m, token, cache)
 
     return compiled_step
