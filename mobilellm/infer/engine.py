@@ -114,15 +114,13 @@ def compiled_decode_step(model):
     """
     step = torch.compile(decode_one_token, dynamic=True, options={
         "cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        torch._dynamo.mark_static(tensor)
     marked_caches = weakref.WeakSet()
 
     def compiled_step(m, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
         if m is not model:
             raise ValueError("this compiled decode step belongs to another model: compile one per model")
-        if cache not in marked_caches:
-            for tensor in cache.tensors():
+        if cache not in marked_caches:  # marked at each new cache: buffers derived on first use exist by now
+            for tensor in list(model.parameters()) + list(model.buffers()) + cache.tensors():
                 torch._dynamo.mark_static(tensor)
             marked_caches.add(cache)
         return step(m, token, cache)

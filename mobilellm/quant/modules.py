@@ -29,7 +29,9 @@ class QuantizedLinear(nn.Module):
         self.group_size, self.int8_activations = group_size, int8_activations
         self.register_buffer("packed_weight", packed, persistent=not shared)
         self.register_buffer("weight_scale", scales, persistent=not shared)
-        self._correction_key, self._correction_value = None, None
+        # The kernel's per-row constant (int8 activations, C++ backend), derived from the weights on first use.
+        self.register_buffer("row_correction", None, persistent=False)
+        self._correction_key = None
 
     @classmethod
     def from_rows(cls, packed: torch.Tensor, scales: torch.Tensor, group_size: int, int8_activations: bool,
@@ -67,13 +69,13 @@ class QuantizedLinear(nn.Module):
         """The kernel's per-row constant, recomputed only when the weights change (a load, an in-place copy).
         Under torch.compile the weights are taken as fixed: the last eager call's value is used."""
         if torch.compiler.is_compiling():
-            return self._correction_value
+            return self.row_correction
         w, s = self.packed_weight, self.weight_scale
         key = (w.data_ptr(), w._version, s.data_ptr(), s._version)
         if self._correction_key != key:
-            self._correction_value = row_correction(w, s, self.group_size)
+            self.row_correction = row_correction(w, s, self.group_size)
             self._correction_key = key
-        return self._correction_value
+        return self.row_correction
 
     def dequantized_weight(self) -> torch.Tensor:
         packed, scales = self.int4_rows()
