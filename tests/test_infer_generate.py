@@ -11,7 +11,7 @@ from mobilellm.cli import main
 from mobilellm.config import ModelConfig
 from mobilellm.hf import save_pretrained
 from mobilellm.infer.chat import ChatSession, generate_text, run_chat, stream_text
-from mobilellm.infer.engine import ContextError, generate, new_cache
+from mobilellm.infer.engine import ContextError, decode_one_token, generate, new_cache
 from mobilellm.infer.sampling import SamplingConfig, filter_top_p, find_stop, safe_prefix, sample
 from mobilellm.model import build_model
 from mobilellm.tokenizer import Tokenizer
@@ -147,6 +147,20 @@ def test_chat_feeds_only_the_new_turn_and_matches_a_fresh_run(model, tokenizer):
     assert session.ids[-n_reply:] == greedy_without_cache(model, prefix, n_reply)
 
 
+def test_chat_session_decodes_through_the_given_step(model, tokenizer):
+    caches = []
+
+    def step(m, token, cache):
+        caches.append(cache)
+        return decode_one_token(m, token, cache)
+
+    session = ChatSession(model, tokenizer, max_context=200, max_new_tokens=6, decode_step=step)
+    plain = ChatSession(model, tokenizer, max_context=200, max_new_tokens=6)
+    for text in ("hello there", "the cat"):
+        assert "".join(session.reply(text)) == "".join(plain.reply(text))
+    assert len(caches) >= 2 and all(cache is session.cache for cache in caches)
+
+
 def test_run_chat_loop_with_a_fake_terminal(model, tokenizer):
     session = ChatSession(model, tokenizer, max_context=120, max_new_tokens=4)
     out = io.StringIO()
@@ -188,6 +202,13 @@ def test_cli_chat_driven_through_stdin(checkpoint):
     chat = cli("chat", checkpoint, "--max-new-tokens", "3", stdin="hello\nthe cat\n")
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.count("> ") == 3
+
+
+@pytest.mark.slow  # compiles the decode step
+def test_cli_chat_compiled_replies_like_eager(checkpoint):
+    runs = [cli("chat", checkpoint, "--max-new-tokens", "6", *flag, stdin="hello\nthe cat\n") for flag in ((), ("--compile",))]
+    assert all(run.returncode == 0 for run in runs), runs[1].stderr
+    assert runs[0].stdout == runs[1].stdout
 
 
 def test_smollm2_answers_paris(capsys):

@@ -49,8 +49,8 @@ def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens
         int8_kv: keep the KV cache in int8 (per-token, per-head scales; always on for int8-KV quant schemes)
         stop: strings that end the generation
         threads: CPU threads for torch (1 decodes fastest on a busy machine: benchmarks/results/smollm2_decode*.json)
-        compile: torch.compile the decode step (minutes to compile a 1B model; then int4 pro-1b decodes 1.6x
-            faster at 2 threads: benchmarks/results/int4_roofline.json)
+        compile: torch.compile the decode step (minutes to compile the first time, cached on disk after; then
+            int4 pro-1b decodes 1.8x faster at 2 threads: benchmarks/results/int4_roofline.json)
     """
     set_threads(threads)
     sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
@@ -66,7 +66,7 @@ def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens
 def chat(checkpoint: str, *, system: str | None = None, max_new_tokens: int = 512, max_context: int = 4096,
          temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
          repetition_penalty: float = 1.0, seed: int | None = None, int8_kv: bool = False,
-         threads: int | None = None) -> None:
+         threads: int | None = None, compile: bool = False) -> None:
     """Chat with a checkpoint in the terminal; the conversation stays in the KV cache between turns.
 
     Type a message and press enter; /reset starts a new conversation, /quit (or end of input) leaves.
@@ -83,10 +83,12 @@ def chat(checkpoint: str, *, system: str | None = None, max_new_tokens: int = 51
         seed: random seed for sampling
         int8_kv: keep the KV cache in int8 (per-token, per-head scales)
         threads: CPU threads for torch (1 decodes fastest on a busy machine)
+        compile: torch.compile the decode step once for the whole conversation (as for generate)
     """
     set_threads(threads)
     sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
     model, tokenizer, scheme_int8_kv = load(checkpoint)
     session = ChatSession(model, tokenizer, max_context=max_context, sampling=sampling,
-                          max_new_tokens=max_new_tokens, int8_kv=int8_kv or scheme_int8_kv, system=system)
+                          max_new_tokens=max_new_tokens, int8_kv=int8_kv or scheme_int8_kv, system=system,
+                          decode_step=compiled_decode_step(model) if compile else decode_one_token)
     run_chat(session, sys.stdin, sys.stdout)

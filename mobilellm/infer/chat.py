@@ -47,10 +47,11 @@ class ChatSession:
 
     def __init__(self, model, tokenizer: Tokenizer, *, max_context: int, sampling: SamplingConfig = SamplingConfig(),
                  max_new_tokens: int = 256, int8_kv: bool = False, system: str | None = None,
-                 stop_strings: Sequence[str] = ()):
+                 stop_strings: Sequence[str] = (), decode_step=decode_one_token):
+        """`decode_step` may be engine.compiled_decode_step(model): one compilation serves every turn."""
         tokenizer.check_fits(model.config.vocab_size)
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
-        self.max_new_tokens, self.stop_strings = max_new_tokens, tuple(stop_strings)
+        self.max_new_tokens, self.stop_strings, self.decode_step = max_new_tokens, tuple(stop_strings), decode_step
         self.cache: KVCache = new_cache(model, max_len=min(max_context, model.config.max_seq_len), int8=int8_kv)
         self.stop_ids = tuple(tokenizer.eos_ids) or tuple(model.config.eos_ids)
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
@@ -88,7 +89,7 @@ class ChatSession:
 
         def tokens():
             for token_id in generate(self.model, feed, self.cache, max_new_tokens=max_new, sampling=self.sampling,
-                                     stop_ids=self.stop_ids, history=self.ids):
+                                     stop_ids=self.stop_ids, history=self.ids, decode_step=self.decode_step):
                 generated.append(token_id)
                 yield token_id
 
