@@ -30,6 +30,15 @@ def load(checkpoint: str):
     return model.eval().fuse_projections(), tokenizer, bool(quant and quant.kv_int8)
 
 
+def pick_decode_step(model, compile: bool):
+    """The decode step the commands run: eager, or compiled (announced: the first compile takes minutes)."""
+    if not compile:
+        return decode_one_token
+    print("compiling the decode step at the first token: minutes the first time, cached on disk after",
+          file=sys.stderr, flush=True)
+    return compiled_decode_step(model)
+
+
 def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens: int = 256,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float = 1.0, seed: int | None = None, int8_kv: bool = False,
@@ -57,7 +66,7 @@ def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens
     model, tokenizer, scheme_int8_kv = load(checkpoint)
     for piece in generate_text(model, tokenizer, prompt, chat=chat, max_new_tokens=max_new_tokens,
                                sampling=sampling, int8_kv=int8_kv or scheme_int8_kv, stop_strings=stop or (),
-                               decode_step=compiled_decode_step(model) if compile else decode_one_token):
+                               decode_step=pick_decode_step(model, compile)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -90,5 +99,5 @@ def chat(checkpoint: str, *, system: str | None = None, max_new_tokens: int = 51
     model, tokenizer, scheme_int8_kv = load(checkpoint)
     session = ChatSession(model, tokenizer, max_context=max_context, sampling=sampling,
                           max_new_tokens=max_new_tokens, int8_kv=int8_kv or scheme_int8_kv, system=system,
-                          decode_step=compiled_decode_step(model) if compile else decode_one_token)
+                          decode_step=pick_decode_step(model, compile))
     run_chat(session, sys.stdin, sys.stdout)
