@@ -2,12 +2,15 @@
 
 A function's positional parameters become positional arguments, keyword-only ones become --flags
 (bool -> switch, list[...] -> several values); the first docstring paragraph is the one-line help and
-`name: text` lines under "Args:" describe the flags.
+`name: text` lines under "Args:" describe the flags. A keyword parameter typed as a frozen dataclass (e.g.
+`sampling: SamplingConfig`) is expanded into one flag per field, documented by the dataclass's own
+docstring, and rebuilt before the call: commands that share a config share its flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import inspect
 import re
@@ -37,24 +40,30 @@ COMMANDS: dict[str, str] = {
 
 
 def _arg_docs(doc: str) -> dict[str, str]:
-    docs, in_args = {}, False
+    """`name: text` lines under "Args:"; a more deeply indented line continues the text above it."""
+    docs, in_args, last, indent = {}, False, None, 0
     for line in doc.splitlines():
         if line.strip() == "Args:":
             in_args = True
             continue
-        m = re.match(r"\s+(\w+):\s*(.*)", line) if in_args else None
-        if m:
-            docs[m.group(1)] = m.group(2)
+        if not in_args or not line.strip():
+            continue
+        m = re.match(r"(\s+)(\w+):\s*(.*)", line)
+        if m and (last is None or len(m.group(1)) <= indent):
+            last, indent = m.group(2), len(m.group(1))
+            docs[last] = m.group(3)
+        elif last is not None:
+            docs[last] += " " + line.strip()
     return docs
 
 
-def _add_parameter(parser: argparse.ArgumentParser, param: inspect.Parameter, hint, help_text: str):
+def _add_parameter(parser, param: inspect.Parameter, hint, help_text: str, dest: str | None = None):
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):  # X | None
         hint = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(hint), typing.get_args(hint)
-    kwargs: dict = {"help": help_text}
+    kwargs: dict = {"help": help_text.replace("%", "%%")}  # argparse formats help with %
     if hint is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif origin in (list, tuple):
@@ -69,8 +78,10 @@ def _add_parameter(parser: argparse.ArgumentParser, param: inspect.Parameter, hi
         else:
             kwargs["default"] = param.default
             if hint is not bool and param.default is not None:
-                kwargs["help"] = f"{help_text} (default: {param.default})".strip()
-        parser.add_argument(flag, dest=param.name, **kwargs)
+                kwargs["help"] = f"{kwargs['help']} (default: {param.default})".strip()
+        if dest:
+            kwargs["metavar"] = param.name.upper()
+        parser.add_argument(flag, dest=dest or param.name, **kwargs)
     else:
         if param.default is not inspect.Parameter.empty:
             kwargs["nargs"] = "?"
@@ -93,9 +104,33 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         hints = typing.get_type_hints(func)
         docs = _arg_docs(doc)
         for param in inspect.signature(func).parameters.values():
-            _add_parameter(p, param, hints.get(param.name, str), docs.get(param.name, ""))
+            hint = hints.get(param.name, str)
+            if dataclasses.is_dataclass(hint):
+                _add_dataclass(p, param, hint, docs.get(param.name, ""))
+            else:
+                _add_parameter(p, param, hint, docs.get(param.name, ""))
         functions[name] = func
     return parser, functions
+
+
+def _add_dataclass(parser: argparse.ArgumentParser, param: inspect.Parameter, cls, help_text: str) -> None:
+    """One --flag per field of `cls`, with the field's default; dest `param.field` (rebuilt by `_collect`)."""
+    group = parser.add_argument_group(param.name, help_text or None)
+    docs, hints = _arg_docs(inspect.getdoc(cls) or ""), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        field_param = inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
+        _add_parameter(group, field_param, hints[f.name], docs.get(f.name, ""), dest=f"{param.name}.{f.name}")
+
+
+def _collect(ns: dict, func) -> dict:
+    """Rebuild the dataclass parameters from their expanded flags."""
+    hints = typing.get_type_hints(func)
+    for name, hint in hints.items():
+        if dataclasses.is_dataclass(hint):
+            prefix = f"{name}."
+            fields = {k[len(prefix):]: ns.pop(k) for k in list(ns) if k.startswith(prefix)}
+            ns[name] = hint(**fields)
+    return ns
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        result = functions[command](**ns)
+        result = functions[command](**_collect(ns, functions[command]))
     except (ValueError, FileNotFoundError) as err:
         # Errors we raise name the problem; a traceback would only bury it.
         print(f"mobilellm {command}: error: {err}", file=sys.stderr)

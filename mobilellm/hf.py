@@ -216,18 +216,22 @@ def check_state_dict(model: Transformer, tensors: dict[str, torch.Tensor]) -> No
         raise CheckpointError(f"checkpoint does not fit config {model.config.name!r}: " + "; ".join(problems))
 
 
-def load_pretrained(folder: str | Path, dtype: torch.dtype | None = torch.float32, device="cpu") -> Transformer:
-    """Load a model from an HF-format folder (ours, or a transformers/hub download)."""
-    folder = Path(folder)
-    config = read_config(folder)
-    tensors = read_tensors(folder, config.family, dtype)
+def model_from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> Transformer:
+    """Build the model on meta, check the tensors against it, assign them, and tie the head."""
     with torch.device("meta"):
         model = Transformer(config)
     check_state_dict(model, tensors)
     model.load_state_dict(tensors, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    return model.to(device)
+    return model
+
+
+def load_pretrained(folder: str | Path, dtype: torch.dtype | None = torch.float32, device="cpu") -> Transformer:
+    """Load a model from an HF-format folder (ours, or a transformers/hub download)."""
+    folder = Path(folder)
+    config = read_config(folder)
+    return model_from_tensors(config, read_tensors(folder, config.family, dtype)).to(device)
 
 
 # ---- writing ---------------------------------------------------------------------------------------

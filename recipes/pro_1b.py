@@ -16,6 +16,8 @@ The teacher (Llama 4-Scout in the paper), the Llama 4 tokenizer and the tokenize
 from __future__ import annotations
 
 from mobilellm.config import ModelConfig
+from mobilellm.train.loop import TrainConfig
+from mobilellm.train.objectives import KD
 from mobilellm.train.optim import OptimConfig, Schedule
 from mobilellm.train.recipe import Recipe
 
@@ -31,25 +33,24 @@ def pro_1b() -> Recipe:
     return Recipe(
         name="pro-1b",
         student=ModelConfig.from_name("pro-1b"),
-        steps=STEPS,
-        schedule=Schedule(peak_lr=4e-4, total_steps=STEPS, warmup_steps=10_000, decay="cosine", final_lr=0.0),
+        train=TrainConfig(
+            steps=STEPS,
+            schedule=Schedule(peak_lr=4e-4, total_steps=STEPS, warmup_steps=10_000, decay="cosine", final_lr=0.0),
+            optim=OptimConfig(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1),
+            clip_norm=1.0,
+            compile=True,
+            activation_checkpointing=True,
+            save_every=2000,
+            eval_every=1000,
+            print_every=10,
+            peak_flops=H100_BF16_PEAK,
+        ),
         seq_len=4096,
         global_batch_rows=512,
         micro_batch_rows=4,
         shards=None,
         tokenizer=None,
         domain_weights=SDM_WEIGHTS,
-        teacher=None,
-        loss="kd",
-        kd_temperature=1.0,
-        ce_weight=0.0,
-        optim=OptimConfig(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1),
-        clip_norm=1.0,
-        save_every=2000,
-        eval_every=1000,
+        objective=KD(teacher=None, temperature=1.0, ce_weight=0.0),
         val_batches=16,
-        print_every=10,
-        compile=True,
-        activation_checkpointing=True,
-        peak_flops=H100_BF16_PEAK,
     )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from mobilellm.artifacts import cache_root, fetch_smollm2
 from mobilellm.config import ModelConfig
+from mobilellm.train.loop import TrainConfig
+from mobilellm.train.objectives import KD
 from mobilellm.train.optim import Schedule
 from mobilellm.train.recipe import Recipe
 
@@ -36,19 +38,16 @@ def starter() -> Recipe:
     return Recipe(
         name="starter",
         student=ModelConfig.from_name("starter-student"),
-        steps=STEPS,
-        schedule=Schedule(peak_lr=2e-3, total_steps=STEPS, warmup_steps=10, decay="cosine", final_lr=2e-4),
+        train=TrainConfig(steps=STEPS, schedule=Schedule(peak_lr=2e-3, total_steps=STEPS, warmup_steps=10,
+                                                         decay="cosine", final_lr=2e-4),
+                          save_every=50, eval_every=25, print_every=1),
         seq_len=128,
         global_batch_rows=4,
         micro_batch_rows=4,
         shards=str(shards_dir()),
         tokenizer=str(teacher),
         domain_weights={"prose": 0.45, "code": 0.45, "math": 0.10},
-        teacher=str(teacher),
-        loss="kd",
-        save_every=50,
-        eval_every=25,
+        objective=KD(teacher=str(teacher)),
         val_batches=4,
-        print_every=1,
         prepare=build_shards,
     )

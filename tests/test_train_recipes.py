@@ -12,8 +12,9 @@ from mobilellm.data.sources import Source
 from mobilellm.hf import load_pretrained, read_config, save_pretrained
 from mobilellm.model import build_model
 from mobilellm.tokenizer import Tokenizer
-from mobilellm.train.loop import train
+from mobilellm.train.loop import TrainConfig, train
 from mobilellm.train.losses import CrossEntropy
+from mobilellm.train.objectives import KD
 from mobilellm.train.optim import Schedule
 from mobilellm.train.recipe import Recipe, run_recipe
 from mobilellm.train.teacher import TeacherError, load_teacher
@@ -73,16 +74,18 @@ def tiny_recipe(tmp_path, tokenizer_dir, **changes):
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     tokenize_to_shards({"docs": [Source(docs)]}, Tokenizer.load(tokenizer_dir), shards, val_fraction=0.2,
                        progress=False)
-    recipe = Recipe(name="tiny-kd", student=config, steps=4, schedule=Schedule(3e-3, 4, 1), seq_len=32,
-                    global_batch_rows=4, micro_batch_rows=2, shards=str(shards), tokenizer=str(tokenizer_dir),
-                    teacher=str(teacher_folder(tmp_path, config, tokenizer_dir)), loss="kd", ce_weight=0.1,
-                    eval_every=2, val_batches=1, print_every=1000)
+    recipe = Recipe(name="tiny-kd", student=config,
+                    train=TrainConfig(steps=4, schedule=Schedule(3e-3, 4, 1), eval_every=2, print_every=1000),
+                    seq_len=32, global_batch_rows=4, micro_batch_rows=2, shards=str(shards),
+                    tokenizer=str(tokenizer_dir),
+                    objective=KD(teacher=str(teacher_folder(tmp_path, config, tokenizer_dir)), ce_weight=0.1),
+                    val_batches=1)
     return recipe.replace(**changes)
 
 
 def test_a_kd_recipe_runs_end_to_end_and_resumes(tmp_path, tokenizer_dir):
     recipe = tiny_recipe(tmp_path, tokenizer_dir)
-    result = run_recipe(recipe.replace(steps=2), tmp_path / "run")
+    result = run_recipe(recipe.replace_train(steps=2), tmp_path / "run")
     assert len(result.losses) == 2 and all(loss > 0 for loss in result.losses)
     resumed = run_recipe(recipe, tmp_path / "run", resume=True)  # 2 more steps: grad_accum 2 of 2 rows
     assert len(resumed.losses) == 2
@@ -92,26 +95,27 @@ def test_a_kd_recipe_runs_end_to_end_and_resumes(tmp_path, tokenizer_dir):
     assert load_pretrained(checkpoint).config == recipe.student
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
-    assert json.loads((tmp_path / "run" / "recipe.json").read_text())["teacher"] == recipe.teacher
+    assert json.loads((tmp_path / "run" / "recipe.json").read_text())["objective"]["teacher"] == recipe.objective.teacher
 
 
 def test_recipe_errors_name_the_problem(tmp_path, tokenizer_dir):
     recipe = tiny_recipe(tmp_path, tokenizer_dir)
     with pytest.raises(ValueError, match="give a teacher"):
-        run_recipe(recipe.replace(teacher=None), tmp_path / "a")
+        run_recipe(recipe.replace(objective=KD(teacher=None)), tmp_path / "a")
     with pytest.raises(ValueError, match="does not split into micro-batches"):
-        run_recipe(recipe.replace(micro_batch_rows=3), tmp_path / "b")
+        run_recipe(recipe, tmp_path / "b", micro_batch=3)
 
 
 def test_pro_1b_recipe_follows_the_paper():
     recipe = get_recipe("pro-1b")
-    assert recipe.student.name == "pro-1b" and recipe.loss == "kd" and recipe.ce_weight == 0
-    s = recipe.schedule
+    assert recipe.student.name == "pro-1b" and isinstance(recipe.objective, KD) and recipe.objective.ce_weight == 0
+    s = recipe.train.schedule
     assert (s.peak_lr, s.warmup_steps, s.total_steps, s.decay, s.final_lr) == (4e-4, 10_000, 640_000, "cosine", 0.0)
     assert recipe.seq_len * recipe.global_batch_rows == 2_097_152  # "2M-token batches"
-    assert (recipe.optim.betas, recipe.optim.eps, recipe.optim.weight_decay) == ((0.9, 0.95), 1e-8, 0.1)
+    optim = recipe.train.optim
+    assert (optim.betas, optim.eps, optim.weight_decay) == ((0.9, 0.95), 1e-8, 0.1)
     assert recipe.domain_weights["fineweb-edu"] == 89.75 and sum(recipe.domain_weights.values()) == pytest.approx(99.96)
-    assert recipe.replace(teacher="t", shards="s").validate(world_size=8) == 16  # micro-batches per step per GPU
+    assert recipe.replace(objective=KD(teacher="t"), shards="s").validate(world_size=8) == 16  # micro-batches per GPU
     with pytest.raises(ValueError, match="--teacher"):
         recipe.validate(world_size=8)
 
@@ -121,7 +125,7 @@ def test_starter_recipe_shares_the_teacher_tokenizer():
         recipe = get_recipe("starter")
     except Exception as err:  # noqa: BLE001 - no registry access: nothing to check
         pytest.skip(f"SmolLM2 could not be fetched: {err}")
-    teacher_vocab = read_config(recipe.teacher).vocab_size
+    teacher_vocab = read_config(recipe.objective.teacher).vocab_size
     assert recipe.student.vocab_size == teacher_vocab == 49_152
     assert recipe.student.layer_types.count("sliding_attention") == 5
 

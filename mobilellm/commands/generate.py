@@ -6,12 +6,10 @@ import sys
 
 import torch
 
-from ..artifacts import resolve_checkpoint
-from ..loading import load_model
+from ..loading import load as load_checkpoint
 from ..infer.chat import ChatSession, generate_text, run_chat
 from ..infer.engine import compiled_decode_step, decode_one_token
 from ..infer.sampling import SamplingConfig
-from ..tokenizer import Tokenizer
 
 
 def set_threads(threads: int | None) -> None:
@@ -23,11 +21,9 @@ def set_threads(threads: int | None) -> None:
 
 def load(checkpoint: str):
     """(model, tokenizer, int8 KV by default?) of a float or a quantized (int4) checkpoint."""
-    model, quant = load_model(checkpoint)
-    tokenizer = Tokenizer.load(resolve_checkpoint(checkpoint))
-    tokenizer.check_fits(model.config.vocab_size)
+    loaded = load_checkpoint(checkpoint, require_tokenizer=True)
     # A scheme trained with int8 keys/values wants the cache to store them so.
-    return model.eval().fuse_projections(), tokenizer, bool(quant and quant.kv_int8)
+    return loaded.model.eval().fuse_projections(), loaded.tokenizer, bool(loaded.quant and loaded.quant.kv_int8)
 
 
 def pick_decode_step(model, compile: bool):
@@ -40,8 +36,7 @@ def pick_decode_step(model, compile: bool):
 
 
 def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens: int = 256,
-             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             repetition_penalty: float = 1.0, seed: int | None = None, int8_kv: bool = False,
+             sampling: SamplingConfig = SamplingConfig(), int8_kv: bool = False,
              stop: list[str] | None = None, threads: int | None = None, compile: bool = False) -> None:
     """Continue a prompt with a checkpoint, streaming the text as it is generated.
 
@@ -50,11 +45,7 @@ def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens
         prompt: the text to continue (an error if it does not fit the model's context)
         chat: wrap the prompt as one user turn in the tokenizer's chat template
         max_new_tokens: most tokens to generate (also stops at EOS and when the context is full)
-        temperature: 0 for greedy decoding
-        top_k: sample among the k most likely tokens
-        top_p: sample among the most likely tokens holding probability p
-        repetition_penalty: > 1 discourages repeating tokens of the context
-        seed: random seed for sampling
+        sampling: how the next token is chosen
         int8_kv: keep the KV cache in int8 (per-token, per-head scales; always on for int8-KV quant schemes)
         stop: strings that end the generation
         threads: CPU threads for torch (1 decodes fastest on a busy machine: benchmarks/results/smollm2_decode*.json)
@@ -62,7 +53,6 @@ def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens
             int4 pro-1b decodes 1.8x faster at 2 threads: benchmarks/results/int4_roofline.json)
     """
     set_threads(threads)
-    sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
     model, tokenizer, scheme_int8_kv = load(checkpoint)
     for piece in generate_text(model, tokenizer, prompt, chat=chat, max_new_tokens=max_new_tokens,
                                sampling=sampling, int8_kv=int8_kv or scheme_int8_kv, stop_strings=stop or (),
@@ -73,9 +63,8 @@ def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens
 
 
 def chat(checkpoint: str, *, system: str | None = None, max_new_tokens: int = 512, max_context: int = 4096,
-         temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-         repetition_penalty: float = 1.0, seed: int | None = None, int8_kv: bool = False,
-         threads: int | None = None, compile: bool = False) -> None:
+         sampling: SamplingConfig = SamplingConfig(), int8_kv: bool = False, threads: int | None = None,
+         compile: bool = False) -> None:
     """Chat with a checkpoint in the terminal; the conversation stays in the KV cache between turns.
 
     Type a message and press enter; /reset starts a new conversation, /quit (or end of input) leaves.
@@ -85,17 +74,12 @@ def chat(checkpoint: str, *, system: str | None = None, max_new_tokens: int = 51
         system: a system message opening the conversation
         max_new_tokens: most tokens per reply
         max_context: tokens the conversation may hold (capped at the model's context)
-        temperature: 0 for greedy decoding
-        top_k: sample among the k most likely tokens
-        top_p: sample among the most likely tokens holding probability p
-        repetition_penalty: > 1 discourages repeating tokens of the context
-        seed: random seed for sampling
+        sampling: how the next token is chosen
         int8_kv: keep the KV cache in int8 (per-token, per-head scales)
         threads: CPU threads for torch (1 decodes fastest on a busy machine)
         compile: torch.compile the decode step once for the whole conversation (as for generate)
     """
     set_threads(threads)
-    sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
     model, tokenizer, scheme_int8_kv = load(checkpoint)
     session = ChatSession(model, tokenizer, max_context=max_context, sampling=sampling,
                           max_new_tokens=max_new_tokens, int8_kv=int8_kv or scheme_int8_kv, system=system,

@@ -4,63 +4,83 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..artifacts import resolve_checkpoint
-from ..hf import load_pretrained
-from ..quant import QuantConfig, quantize_
+import torch
+
+from ..loading import load
+from ..quant import QuantConfig, convert, quantize_
 from ..quant.checkpoint import save_quantized
 from ..tokenizer import tokenizer_files
 
 
-def quantize(checkpoint: Path, *, scheme: str, out: Path) -> None:
+def quantize(checkpoint: str, *, scheme: str, out: Path) -> None:
     """Post-training int4 quantization (round-to-nearest) of a checkpoint folder.
 
     Writes packed int4 safetensors with the model and quantization configs beside them; load them with
     mobilellm.quant.checkpoint.load_quantized.
 
     Args:
-        checkpoint: a full-precision checkpoint folder, or smollm2-135m
+        checkpoint: a full-precision checkpoint folder, a .gguf file, or smollm2-135m
         scheme: cpu (int4 group-32 + int8 dynamic activations + int8 KV) or accelerator (int4 per channel)
         out: output folder (written atomically)
     """
     config = QuantConfig.from_scheme(scheme)
-    checkpoint = resolve_checkpoint(checkpoint)
-    model = quantize_(load_pretrained(checkpoint).eval(), config)
-    save_quantized(model, config, out, extra_files=tokenizer_files(checkpoint))
+    loaded = load(checkpoint)
+    if loaded.quant is not None:
+        raise ValueError(f"{loaded.source} is already quantized ({loaded.quant.scheme} scheme): quantize a "
+                         "full-precision checkpoint")
+    model = quantize_(loaded.model.eval(), config)
+    save_quantized(model, config, out, extra_files=loaded.tokenizer_files)
     size = sum(f.stat().st_size for f in Path(out).iterdir())
-    print(f"{checkpoint} -> {out}: {scheme} scheme, {size / 1e6:.1f} MB")
+    print(f"{loaded.source} -> {out}: {scheme} scheme, {size / 1e6:.1f} MB")
 
 
-def qat(checkpoint: Path, *, scheme: str, data: Path, out: Path, steps: int = 100, batch_size: int = 4,
-        seq_len: int = 256, lr: float = 2e-5, self_distillation: bool = True, run_dir: Path | None = None) -> None:
+def qat(checkpoint: str, *, scheme: str, data: Path, out: Path, steps: int = 100, batch_size: int = 4,
+        seq_len: int = 256, lr: float = 2e-5, self_distillation: bool = True, run_dir: Path | None = None,
+        resume: bool = False, eval_every: int = 0, save_every: int = 0, parallel: str | None = None,
+        micro_batch: int | None = None) -> None:
     """Quantization-aware training: prepare -> train (KL to the frozen full-precision model) -> convert.
 
-    Runs the project's one training loop on tokenized shards (mobilellm tokenize), equal domain weights,
-    and saves the converted int4 model like `mobilellm quantize`.
+    The `qat` recipe (recipes/qat.py) run through the one training loop on tokenized shards (mobilellm
+    tokenize), every domain equally; saves the converted int4 model like `mobilellm quantize`. On 2 CPU cores
+    the default 100 steps of SmolLM2-135M take about 20 minutes. Under torchrun, pass --parallel ddp or fsdp.
 
     Args:
         checkpoint: a full-precision checkpoint folder (the QAT start and, by default, its teacher), or smollm2-135m
         scheme: cpu or accelerator
-        data: tokenized shard folder (its train split is used)
+        data: tokenized shard folder (its train split is used; its val split with --eval-every)
         out: output folder for the converted int4 model
         steps: optimizer steps
-        batch_size: sequences per step
+        batch_size: sequences per optimizer step (all processes together)
         seq_len: tokens per sequence
-        lr: peak learning rate (cosine decay, 10% warmup, no weight decay)
+        lr: peak learning rate (cosine decay, 10 percent warmup, no weight decay)
         self_distillation: KL to the full-precision model; --no-self-distillation trains with plain CE
         run_dir: the loop's checkpoints and log (default: OUT.run)
+        resume: continue the run in RUN_DIR from its latest checkpoint
+        eval_every: validation loss every N steps (0: never)
+        save_every: a resumable checkpoint every N steps (0: only at the end)
+        parallel: ddp or fsdp, when launched with torchrun on several processes
+        micro_batch: rows per forward pass on one process (default: all of the process's rows)
     """
-    from ..data import MixtureLoader, TokenDataset
-    from ..quant.qat import qat as run_qat
-    from ..train.loop import TrainConfig
-    from ..train.optim import OptimConfig, Schedule
+    from recipes.qat import qat as qat_recipe
 
-    config = QuantConfig.from_scheme(scheme)
-    checkpoint = resolve_checkpoint(checkpoint)
-    dataset = TokenDataset(data)
-    batches = MixtureLoader(dataset, {d: 1.0 for d in dataset.domains}, seq_len=seq_len, global_batch_size=batch_size)
-    train_config = TrainConfig(steps, Schedule(lr, steps, warmup_steps=max(1, steps // 10)),
-                               OptimConfig(weight_decay=0.0))
-    result = run_qat(load_pretrained(checkpoint), config, batches, train_config,
-                     run_dir or Path(str(out) + ".run"), self_distillation=self_distillation)
-    save_quantized(result.model, config, out, extra_files=tokenizer_files(checkpoint))
-    print(f"QAT {scheme}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} in {steps} steps; saved {out}")
+    from ..quant.qat import QATPrepare, load_prepared
+    from ..train.distributed import init_parallel
+    from ..train.recipe import run_recipe
+
+    recipe = qat_recipe(str(checkpoint), str(data), scheme=scheme, steps=steps, batch_rows=batch_size,
+                        seq_len=seq_len, lr=lr, self_distillation=self_distillation, save_every=save_every,
+                        eval_every=eval_every)
+    config = next(t.config for t in recipe.transforms if isinstance(t, QATPrepare))
+    processes = init_parallel(parallel)
+    result = run_recipe(recipe, run_dir or Path(str(out) + ".run"), resume=resume, parallel=processes,
+                        micro_batch=micro_batch)
+    if not processes.is_main:
+        return
+    # One process holds every weight only when unsharded; the final checkpoint always holds them all.
+    trained = result.model if processes.world_size == 1 else load_prepared(result.checkpoint, config)
+    with torch.no_grad():
+        model = convert(trained.eval(), config)
+    save_quantized(model, config, out, extra_files=tokenizer_files(result.checkpoint))
+    losses = [loss for loss in result.losses if loss == loss]
+    summary = f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {len(losses)} steps" if losses else "no new steps"
+    print(f"QAT {scheme}: {summary}; saved {out}")

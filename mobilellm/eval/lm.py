@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..artifacts import resolve_checkpoint
 from ..infer.engine import generate, new_cache
-from ..loading import load_any_model
+from ..loading import load
 from ..tokenizer import Tokenizer
 from .loglik import TokenRequest, loglikelihood_tokens, token_logprobs
 
@@ -42,7 +41,8 @@ class EvalLM:
     def load(cls, checkpoint: str | Path, dtype: torch.dtype = torch.float32, tokenizer: str | Path | None = None,
              **kwargs) -> "EvalLM":
         """A checkpoint folder, full precision or quantized; its tokenizer.json, or the one in `tokenizer`."""
-        lm = cls(load_any_model(checkpoint, dtype), Tokenizer.load(tokenizer or resolve_checkpoint(checkpoint)), **kwargs)
+        loaded = load(checkpoint, dtype, tokenizer=tokenizer, require_tokenizer=True)
+        lm = cls(loaded.model, loaded.tokenizer, **kwargs)
         lm.checkpoint = str(checkpoint)
         return lm
 

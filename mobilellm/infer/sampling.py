@@ -10,10 +10,20 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingConfig:
+    """How the next token is chosen.
+
+    Args:
+        temperature: 0 for greedy decoding
+        top_k: sample among the k most likely tokens
+        top_p: sample among the most likely tokens holding probability p
+        repetition_penalty: > 1 discourages repeating tokens of the context (CTRL / HF rule)
+        seed: random seed for sampling
+    """
+
     temperature: float = 0.0  # 0 = greedy
     top_k: int | None = None
     top_p: float | None = None
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the context (CTRL / HF rule)
+    repetition_penalty: float = 1.0
     seed: int | None = None
 
     def __post_init__(self):

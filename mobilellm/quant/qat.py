@@ -1,25 +1,38 @@
 """QAT with self-distillation through the one training loop (mobilellm.train.loop.train).
 
-prepare is passed to the loop as a model transform; the loss is the loop's own KD (or CE) loss. The
-loop's chunked losses call a swapped LM head as a module, so the head's fake quantization (weights and
-int8 activations) applies inside the loss exactly as in the forward. After training, convert gives the
-real int4 model.
+`QATPrepare` is the model transform a recipe names (`recipes/qat.py`); the loss is the loop's own KD (or
+CE) loss. The loop's chunked losses call a swapped LM head as a module, so the head's fake quantization
+(weights and int8 activations) applies inside the loss exactly as in the forward. After training, convert
+gives the real int4 model. `qat()` is the same for a model already in hand (Python API).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
+from ..hf import CheckpointError, read_config, read_tensors
+from ..model import build_model
 from ..train.loop import TrainConfig, TrainResult, train
 from ..train.losses import CrossEntropy, Distillation
 from ..train.teacher import frozen_copy
 from .api import convert, prepare
 from .config import QuantConfig
+
+
+@dataclass(frozen=True)
+class QATPrepare:
+    """The recipe transform: swap in fake-quantized modules for `config` before the optimizer is built."""
+
+    config: QuantConfig
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        return prepare(model, self.config)
 
 
 def qat(model: nn.Module, config: QuantConfig, batches: Iterator[dict], train_config: TrainConfig,
@@ -34,6 +47,20 @@ def qat(model: nn.Module, config: QuantConfig, batches: Iterator[dict], train_co
     else:
         loss = CrossEntropy()
     result = train(model, batches, loss, train_config, run_dir,
-                   transforms=[lambda m: prepare(m, config)], val_batches=val_batches)
+                   transforms=[QATPrepare(config)], val_batches=val_batches)
     with torch.no_grad():
         return dataclasses.replace(result, model=convert(result.model.eval(), config))
+
+
+def load_prepared(folder: str | Path, config: QuantConfig) -> nn.Module:
+    """A QAT loop checkpoint (full weights, learnt ranges under `...weight_fake_quantizer.*`) as the prepared
+    model, ready for `convert`: how a run sharded over processes (FSDP) is converted after training."""
+    model_config = read_config(folder)
+    model = prepare(build_model(model_config, seed=None), config)
+    tensors = read_tensors(Path(folder), model_config.family)
+    result = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in result.missing_keys if not (model_config.tie_embeddings and k == "lm_head.weight")]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{folder} is not a QAT checkpoint of the {config.scheme} scheme: missing "
+                              f"{missing[:4]}, unexpected {result.unexpected_keys[:4]}")
+    return model

@@ -1,7 +1,8 @@
 """The one training loop: every stage (KD pretraining, positional distillation, specialists, QAT, SFT) runs here.
 
 A stage differs only in what it passes: the batches, the loss object (CE, KD...), the model transforms
-(e.g. QAT `prepare`), the schedule. Each step reads in order: lr, forward, backward, clip, step, log.
+(e.g. QAT `prepare`), the schedule, its step hooks. Each step reads in order: lr, forward, backward, clip,
+step, log. Stages are set up by `mobilellm.train.recipe.run_recipe`, not by calling this directly.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import SingleProcess
-from .losses import IGNORE_INDEX, CrossEntropy, Loss
+from .hooks import StepHook, StepState
+from .losses import CrossEntropy, Loss
 from .metrics import ProgressLog
 from .optim import OptimConfig, Schedule, build_optimizer, set_lr
 
@@ -85,24 +87,50 @@ def load_data_state(batches, states: list, parallel) -> None:
     batches.load_state_dict(states[parallel.rank] if len(states) == parallel.world_size else states[0])
 
 
-def count_targets(batches: Sequence[dict]) -> torch.Tensor:
-    return sum((b["targets"] != IGNORE_INDEX).sum() for b in batches)
-
-
-def evaluate(model: nn.Module, val_batches: Sequence[dict], parallel, autocast) -> float:
-    """Mean next-token CE over the validation batches (all processes together)."""
+def validation_loss(model: nn.Module, val_batches: Sequence[dict], parallel: SingleProcess | None = None,
+                    autocast: Callable = contextlib.nullcontext) -> float:
+    """Mean next-token CE per target token over `val_batches` (all processes together), without gradients,
+    in the model's current mode (the loop measures mid-training, fake quantizers included)."""
+    parallel = parallel or SingleProcess(next(model.parameters()).device)
     ce, total, tokens = CrossEntropy(), torch.zeros((), device=parallel.device), torch.zeros((), device=parallel.device)
     with torch.no_grad(), autocast():
         for batch in val_batches:
             batch = {k: v.to(parallel.device) for k, v in batch.items()}
             total += ce(model, batch)
-            tokens += count_targets([batch])
+            tokens += ce.count(batch)
     return (parallel.all_reduce_sum(total) / parallel.all_reduce_sum(tokens)).item()
+
+
+def next_micro_batches(batches: Iterator[dict], config: TrainConfig, device: torch.device) -> list[dict]:
+    """This process's share of one optimizer step: `grad_accum` micro-batches, on the device."""
+    micro = [{k: v.to(device, non_blocking=True) for k, v in next(batches).items()} for _ in range(config.grad_accum)]
+    if not config.document_masking:
+        micro = [{k: v for k, v in b.items() if k != "doc_ids"} for b in micro]
+    return micro
+
+
+def accumulate_gradients(micro: list[dict], step_fn: Callable, loss: Loss, parallel: SingleProcess,
+                         autocast: Callable) -> float:
+    """Forward and backward over the step's micro-batches; returns the step's mean loss (all processes).
+
+    Each micro-batch's summed loss is divided by the whole step's count (tokens, or pairs: `loss.count`), so
+    the gradient is the mean over the step however it is split into micro-batches and processes (which
+    average their gradients, hence the factor world_size).
+    """
+    count = parallel.all_reduce_sum(sum(loss.count(b) for b in micro).float())
+    loss_sum = torch.zeros((), device=parallel.device)
+    for i, batch in enumerate(micro):
+        with parallel.accumulating(sync=i == len(micro) - 1):
+            with autocast():
+                part = step_fn(batch)
+            (part * parallel.world_size / count).backward()
+        loss_sum += part.detach().float()
+    return (parallel.all_reduce_sum(loss_sum) / count).item()
 
 
 def train(model: nn.Module, batches: Iterator[dict], loss: Loss, config: TrainConfig, run_dir: str | Path, *,
           transforms: Sequence[Transform] = (), val_batches: Sequence[dict] | None = None,
-          parallel: SingleProcess | None = None, resume: bool = False,
+          parallel: SingleProcess | None = None, resume: bool = False, hooks: Sequence[StepHook] = (),
           extra_files: dict[str, str] | None = None) -> TrainResult:
     """Train `model` for `config.steps` optimizer steps, checkpointing into `run_dir`.
 
@@ -110,8 +138,9 @@ def train(model: nn.Module, batches: Iterator[dict], loss: Loss, config: TrainCo
     `state_dict()` / `load_state_dict()` for exact resume; `config.grad_accum` calls make this process's share
     of one optimizer step (a source with `world_size` / `grad_accum` attributes is checked against the run).
     `transforms` run on the model before anything else
-    (before sharding, compile and the optimizer); one may return a new model. `extra_files` (e.g. the
-    tokenizer) are written into every checkpoint folder.
+    (before sharding, compile and the optimizer); one may return a new model. `hooks` run at fixed points of
+    every step (`mobilellm.train.hooks`). `extra_files` (e.g. the tokenizer) are written into every checkpoint
+    folder.
     """
     parallel = parallel or SingleProcess(next(model.parameters()).device)
     check_batch_layout(batches, config.grad_accum, parallel)
@@ -141,24 +170,17 @@ def train(model: nn.Module, batches: Iterator[dict], loss: Loss, config: TrainCo
         t0 = time.perf_counter()
         lr = config.schedule.lr_at(step)
         set_lr(optimizer, lr)
-        micro = [{k: v.to(parallel.device, non_blocking=True) for k, v in next(batches).items()}
-                 for _ in range(config.grad_accum)]
-        if not config.document_masking:
-            micro = [{k: v for k, v in b.items() if k != "doc_ids"} for b in micro]
-        n_targets = parallel.all_reduce_sum(count_targets(micro).float())
-        # Each micro-batch's summed loss over the step's token count: the gradient is the token mean of the
-        # whole step, however it is split into micro-batches and processes (which average their gradients).
-        loss_sum = torch.zeros((), device=parallel.device)
-        for i, batch in enumerate(micro):
-            with parallel.accumulating(sync=i == len(micro) - 1):
-                with autocast():
-                    part = step_fn(batch)
-                (part * parallel.world_size / n_targets).backward()
-            loss_sum += part.detach().float()
-        step_loss = (parallel.all_reduce_sum(loss_sum) / n_targets).item()
+        state = StepState(step, config.steps, model, loss, optimizer, lr)
+        for hook in hooks:
+            hook.begin(state)
+        micro = next_micro_batches(batches, config, parallel.device)
+        step_loss = accumulate_gradients(micro, step_fn, loss, parallel, autocast)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm or math.inf)
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP
         skipped = not (math.isfinite(step_loss) and math.isfinite(grad_norm))
+        state.loss, state.grad_norm, state.skipped = step_loss, grad_norm, skipped
+        for hook in hooks:
+            hook.after_backward(state)
         if skipped:
             bad_steps += 1
             warnings.warn(f"step {step + 1}: non-finite loss {step_loss} / grad norm {grad_norm}; step skipped "
@@ -170,6 +192,8 @@ def train(model: nn.Module, batches: Iterator[dict], loss: Loss, config: TrainCo
             optimizer.step()
             bad_steps = 0
         optimizer.zero_grad(set_to_none=True)
+        for hook in hooks:
+            hook.end(state)
         losses.append(step_loss if not skipped else math.nan)
 
         if parallel.device.type == "cuda":
@@ -178,7 +202,7 @@ def train(model: nn.Module, batches: Iterator[dict], loss: Loss, config: TrainCo
         log.step(step, step_loss, lr, grad_norm, tokens, micro[0]["tokens"].shape[1], time.perf_counter() - t0, skipped)
         done = step + 1
         if val_batches and config.eval_every and (done % config.eval_every == 0 or done == config.steps):
-            log.validation(step, evaluate(model, val_batches, parallel, autocast))
+            log.validation(step, validation_loss(model, val_batches, parallel, autocast))
         if (config.save_every and done % config.save_every == 0) or done == config.steps:
             saved = save_checkpoint(run_dir, done, model, optimizer,
                                     {"step": done, "bad_steps": bad_steps, "data": parallel.gather_object(batches.state_dict())},

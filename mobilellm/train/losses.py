@@ -7,14 +7,15 @@ The backward pass is then a scale, with no recomputation of the chunks. CE and f
 closed-form gradients over the logits buffer (fewer passes over (n, V) than autograd's); top-k KD uses
 autograd per chunk.
 
-A loss object is called as `loss(model, batch) -> summed loss` (fp32 scalar, summed over the target
-tokens, i.e. positions where `targets != -100`); the loop divides by the step's token count.
+A loss object is called as `loss(model, batch) -> summed loss` (fp32 scalar) and says what that sum runs
+over with `loss.count(batch)`: target tokens (positions where `targets != -100`) by default; a pairwise loss
+such as DPO counts pairs. The loop divides the step's summed loss by the step's count.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +28,14 @@ IGNORE_INDEX = -100
 ChunkLoss = Callable[[torch.Tensor, slice, bool], tuple[torch.Tensor, torch.Tensor | None]]
 
 
-class Loss(Protocol):
-    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+class Loss:
+    """A training loss: `loss(model, batch)` is summed over `count(batch)` items (per target token here)."""
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (batch["targets"] != IGNORE_INDEX).sum()
 
 
 class _ChunkedLinearLoss(torch.autograd.Function):
@@ -167,7 +174,7 @@ def kl_top_k(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
 # ---- loss objects ---------------------------------------------------------------------------------
 
 @dataclass
-class CrossEntropy:
+class CrossEntropy(Loss):
     """Next-token cross-entropy against `targets`."""
 
     chunk_size: int | None = None  # rows per chunk; None: about 128 MiB of fp32 logits (`chunk_rows`)
@@ -179,7 +186,7 @@ class CrossEntropy:
 
 
 @dataclass
-class Distillation:
+class Distillation(Loss):
     """ce_weight * CE + (1 - ce_weight) * KL(teacher || student), teacher logits also taken chunk by chunk.
 
     `top_k=None` matches the teacher's full distribution (the MobileLLM-Pro recipe); an integer gives sparse

@@ -1,6 +1,14 @@
-"""A recipe: everything one training stage needs, as a typed value; `run_recipe` turns it into a `train` call.
+"""A recipe: everything one training stage needs, as a typed value; `run_recipe` is the one way to set it up.
 
-Recipes themselves live in the top-level `recipes/` package as functions returning a `Recipe`.
+Every stage (KD pretraining, positional distillation, specialists, QAT, SFT) is a `Recipe`: where the
+weights start (a fresh `student` or an `init` checkpoint, with optional config changes), the model
+transforms (e.g. QAT `prepare`), the objective (a loss factory), the data (token shards and domain weights)
+and the loop's own `TrainConfig`. Recipes themselves live in the top-level `recipes/` package as
+functions returning a `Recipe`.
+
+The global batch is the truth: `global_batch_rows` sequences per optimizer step whatever the number of
+processes; each process takes its share in micro-batches of at most `micro_batch_rows` rows (a memory
+cap), with gradient accumulation making up the rest.
 """
 
 from __future__ import annotations
@@ -11,114 +19,152 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
-
+from ..artifacts import resolve_checkpoint
 from ..config import ModelConfig
 from ..data import MixtureLoader, TokenDataset, validation_batches
+from ..data.files import write_json_atomic
+from ..loading import load
 from ..model import build_model
-from ..tokenizer import Tokenizer, tokenizer_files
+from ..tokenizer import TOKENIZER_FILE, Tokenizer, tokenizer_files
 from .distributed import SingleProcess, init_parallel
-from .loop import TrainConfig, TrainResult, train
-from .losses import CrossEntropy, Distillation
-from .optim import OptimConfig, Schedule
-from .teacher import load_teacher
-
-LOSSES = ("kd", "ce")
+from .hooks import StepHook
+from .loop import TrainConfig, TrainResult, Transform, train
+from .objectives import CE, Objective, StageContext
 
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    student: ModelConfig
-    steps: int
-    schedule: Schedule
+    train: TrainConfig  # steps, schedule, optimizer, clipping, cadence; grad_accum follows from the batch split
     seq_len: int
     global_batch_rows: int  # sequences per optimizer step, all processes together
-    micro_batch_rows: int  # sequences per forward pass on one process
     shards: str | None  # token-shard folder (`mobilellm tokenize`)
-    tokenizer: str | None  # its tokenizer folder: checked against the shards and teacher, copied into checkpoints
+    objective: Objective = CE()
+    student: ModelConfig | None = None  # the architecture of a run from scratch (seeded with `seed`)
+    init: str | None = None  # or the checkpoint the weights start from: folder, fetchable name or .gguf
+    config_changes: dict = field(default_factory=dict)  # applied to init's config, e.g. {"rope_theta": 5e5}
+    transforms: tuple[Transform, ...] = ()  # applied before training, e.g. quant.qat.QATPrepare
+    tokenizer: str | None = None  # checked against the shards and teacher, copied into checkpoints (default: init's)
     domain_weights: dict[str, float] | None = None  # None: every domain of the shards equally
-    teacher: str | None = None
-    loss: str = "kd"
-    kd_temperature: float = 1.0
-    ce_weight: float = 0.0
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    clip_norm: float = 1.0
+    micro_batch_rows: int | None = None  # most sequences per forward pass on one process; None: no cap
     seed: int = 0
-    save_every: int = 0
-    eval_every: int = 0
     val_batches: int = 4
-    keep_last: int = 3
-    print_every: int = 1
-    compile: bool = False
-    activation_checkpointing: bool = False
-    peak_flops: float | None = None  # per process, FLOP/s
     prepare: Callable[[], None] | None = field(default=None, compare=False)  # builds the shards when missing
 
     def replace(self, **changes) -> "Recipe":
         return dataclasses.replace(self, **changes)
 
+    def replace_train(self, **changes) -> "Recipe":
+        return self.replace(train=dataclasses.replace(self.train, **changes))
+
     def with_steps(self, steps: int) -> "Recipe":
         """The same recipe over `steps` steps; warmup keeps its fraction of the run."""
-        warmup = min(steps, round(self.schedule.warmup_steps * steps / self.schedule.total_steps))
-        schedule = dataclasses.replace(self.schedule, total_steps=steps, warmup_steps=warmup)
-        return self.replace(steps=steps, schedule=schedule)
+        if steps <= 0:
+            raise ValueError(f"steps must be positive, got {steps}")
+        schedule = self.train.schedule
+        warmup = min(steps, round(schedule.warmup_steps * steps / schedule.total_steps))
+        return self.replace_train(steps=steps, schedule=dataclasses.replace(schedule, total_steps=steps,
+                                                                              warmup_steps=warmup))
 
-    def validate(self, world_size: int) -> int:
-        """Checks that need no data; returns the gradient-accumulation steps for `world_size` processes."""
-        if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}; expected one of {LOSSES}")
-        if self.loss == "kd" and not self.teacher:
-            raise ValueError(f"recipe {self.name!r} distills: give a teacher checkpoint folder (--teacher)")
+    def batch_split(self, world_size: int, micro_batch: int | None = None) -> tuple[int, int]:
+        """(rows per forward pass on one process, micro-batches per step) for `world_size` processes.
+
+        `micro_batch` asks for an exact micro-batch; otherwise the largest that divides a process's rows
+        within the recipe's `micro_batch_rows` cap.
+        """
+        rows = self.global_batch_rows
+        if rows <= 0 or rows % world_size:
+            raise ValueError(f"global batch of {rows} rows does not split over {world_size} processes: make it a "
+                             f"multiple of the process count")
+        per_process = rows // world_size
+        if micro_batch is not None:
+            if micro_batch <= 0 or per_process % micro_batch:
+                raise ValueError(f"global batch of {rows} rows on {world_size} processes ({per_process} each) does "
+                                 f"not split into micro-batches of {micro_batch} rows")
+            return micro_batch, per_process // micro_batch
+        cap = min(self.micro_batch_rows or per_process, per_process)
+        micro = max(d for d in range(1, cap + 1) if per_process % d == 0)
+        return micro, per_process // micro
+
+    def validate(self, world_size: int, micro_batch: int | None = None) -> int:
+        """Checks that need no data or weights; returns the gradient-accumulation steps."""
+        if (self.student is None) == (self.init is None):
+            raise ValueError(f"recipe {self.name!r} needs exactly one of a student config (from scratch) "
+                             "and an init checkpoint")
+        if self.config_changes and self.init is None:
+            raise ValueError(f"recipe {self.name!r}: config_changes apply to an init checkpoint; change the student")
+        self.objective.check(self.name)
         if not self.shards:
             raise ValueError(f"recipe {self.name!r} needs token shards (--data, made by `mobilellm tokenize`)")
-        per_step = self.micro_batch_rows * world_size
-        if self.global_batch_rows % per_step:
-            raise ValueError(f"global batch of {self.global_batch_rows} rows does not split into micro-batches of "
-                             f"{self.micro_batch_rows} rows on {world_size} processes")
-        return self.global_batch_rows // per_step
+        return self.batch_split(world_size, micro_batch)[1]
+
+    def tokenizer_folder(self) -> Path | None:
+        """The run's tokenizer: the recipe's, else the init checkpoint's own when it has one."""
+        if self.tokenizer:
+            return Path(self.tokenizer)
+        if self.init and (Path(self.init) / TOKENIZER_FILE).exists():
+            return Path(self.init)
+        return None
 
     def summary(self) -> dict:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "prepare"}
-        data["student"] = self.student.to_dict()
-        data["schedule"], data["optim"] = dataclasses.asdict(self.schedule), dataclasses.asdict(self.optim)
-        return data
+        """The recipe as JSON-ready data (recipe.json beside the run); paths and the like as strings."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("prepare",)}
+        data["student"] = self.student.to_dict() if self.student else None
+        data["train"] = dataclasses.asdict(self.train)
+        data["objective"] = {"kind": type(self.objective).__name__, **dataclasses.asdict(self.objective)}
+        data["transforms"] = [{"kind": type(t).__name__, **(dataclasses.asdict(t) if dataclasses.is_dataclass(t) else {})}
+                              for t in self.transforms]
+        return json.loads(json.dumps(data, default=str))
 
 
-def run_recipe(recipe: Recipe, out: str | Path, *, resume: bool = False,
-               parallel: SingleProcess | None = None, strategy: str | None = None) -> TrainResult:
+def start_model(recipe: Recipe):
+    """The starting weights: a seeded fresh student, or the init checkpoint (full precision, config changes applied)."""
+    if recipe.init is None:
+        return build_model(recipe.student, seed=recipe.seed)
+    loaded = load(recipe.init, config_changes=recipe.config_changes)
+    if loaded.quant is not None:
+        raise ValueError(f"recipe {recipe.name!r} starts from {loaded.source}, a quantized checkpoint: training "
+                         "starts from full-precision weights (QAT: start from the float model, the recipe prepares it)")
+    return loaded.model
+
+
+def run_recipe(recipe: Recipe, out: str | Path, *, resume: bool = False, parallel: SingleProcess | None = None,
+               strategy: str | None = None, micro_batch: int | None = None,
+               hooks: tuple[StepHook, ...] = ()) -> TrainResult:
+    """Set up the stage `recipe` describes and train it into `out` (checkpoints, metrics.jsonl, recipe.json).
+
+    `strategy` (ddp or fsdp) under torchrun; `micro_batch`: exact rows per forward pass (default: the
+    recipe's cap); `hooks`: step hooks added to the loop (`mobilellm.train.hooks`).
+    """
     parallel = parallel or init_parallel(strategy)
-    grad_accum = recipe.validate(parallel.world_size)
-    if recipe.prepare is not None and parallel.is_main:
-        recipe.prepare()
+    micro_rows, grad_accum = recipe.batch_split(parallel.world_size, micro_batch)
+    recipe.validate(parallel.world_size, micro_batch)
+    if parallel.is_main:
+        if recipe.prepare is not None:
+            recipe.prepare()
+        if recipe.init is not None:
+            resolve_checkpoint(recipe.init)  # a fetchable name is fetched once, by one process
     parallel.barrier()
+    if recipe.init is not None:
+        recipe = recipe.replace(init=str(resolve_checkpoint(recipe.init)))
+    model = start_model(recipe)
+    tokenizer = recipe.tokenizer_folder()
     dataset = TokenDataset(recipe.shards)
-    dataset.check_model_vocab(recipe.student.vocab_size)
-    if recipe.tokenizer:
-        dataset.check_tokenizer(Tokenizer.load(recipe.tokenizer))
+    dataset.check_model_vocab(model.config.vocab_size)
+    if tokenizer is not None:
+        dataset.check_tokenizer(Tokenizer.load(tokenizer))
     weights = recipe.domain_weights or {name: 1.0 for name in dataset.domains}
     processes = dict(rank=parallel.rank, world_size=parallel.world_size)
     # One global stream: every step takes the next global batch, whatever the number of processes.
     loader = MixtureLoader(dataset, weights, seq_len=recipe.seq_len, global_batch_size=recipe.global_batch_rows,
                            grad_accum=grad_accum, seed=recipe.seed, **processes)
-    val = list(validation_batches(dataset, seq_len=recipe.seq_len, batch_size=recipe.micro_batch_rows,
-                                  max_batches=recipe.val_batches, **processes)) if recipe.eval_every else None
-    on_gpu = parallel.device.type == "cuda"
-    if recipe.loss == "kd":
-        teacher = load_teacher(recipe.teacher, recipe.student, recipe.tokenizer,
-                               dtype=torch.bfloat16 if on_gpu else torch.float32, device=parallel.device)
-        loss = Distillation(teacher, temperature=recipe.kd_temperature, ce_weight=recipe.ce_weight)
-    else:
-        loss = CrossEntropy()
-    config = TrainConfig(steps=recipe.steps, schedule=recipe.schedule, optim=recipe.optim, grad_accum=grad_accum,
-                         clip_norm=recipe.clip_norm, compile=recipe.compile,
-                         activation_checkpointing=recipe.activation_checkpointing, save_every=recipe.save_every,
-                         keep_last=recipe.keep_last, eval_every=recipe.eval_every, print_every=recipe.print_every,
-                         peak_flops=recipe.peak_flops)
+    val = list(validation_batches(dataset, seq_len=recipe.seq_len, batch_size=micro_rows,
+                                  max_batches=recipe.val_batches, **processes)) if recipe.train.eval_every else None
+    loss = recipe.objective(StageContext(model, tokenizer, parallel.device))
     out = Path(out)
     if parallel.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.json").write_text(json.dumps(recipe.summary(), indent=2, default=str) + "\n")
-    model = build_model(recipe.student, seed=recipe.seed)
-    return train(model, loader, loss, config, out, val_batches=val, parallel=parallel, resume=resume,
-                 extra_files=tokenizer_files(recipe.tokenizer))
+        write_json_atomic(out / "recipe.json", recipe.summary())
+    return train(model, loader, loss, dataclasses.replace(recipe.train, grad_accum=grad_accum), out,
+                 transforms=recipe.transforms, val_batches=val, parallel=parallel, resume=resume, hooks=hooks,
+                 extra_files=tokenizer_files(tokenizer))

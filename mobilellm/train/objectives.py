@@ -1,0 +1,76 @@
+"""What a recipe trains toward: loss factories that build the loop's `Loss` once the run is set up.
+
+A recipe names its loss as a small frozen value (`KD(teacher=...)`, `CE()`, `SelfDistillation()`), so the
+recipe stays printable and comparable; `run_recipe` calls it with the `StageContext` (the starting model
+before any transform, its tokenizer, the device) when the run has them. A new objective (DPO, a
+positional-distillation teacher) is one more class here, not a branch in the recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .losses import CrossEntropy, Distillation, Loss
+from .teacher import frozen_copy, load_teacher
+
+
+@dataclass
+class StageContext:
+    model: nn.Module  # the starting weights, before the recipe's transforms
+    tokenizer: Path | None  # the run's tokenizer folder
+    device: torch.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Frozen models (teachers) run in bf16 on a GPU, fp32 on a CPU."""
+        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+
+
+class Objective:
+    def check(self, recipe_name: str) -> None:
+        """Problems visible before any data or weights are read (raise ValueError naming the fix)."""
+
+    def __call__(self, context: StageContext) -> Loss:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class CE(Objective):
+    """Plain next-token cross-entropy."""
+
+    def __call__(self, context: StageContext) -> Loss:
+        return CrossEntropy()
+
+
+@dataclass(frozen=True)
+class KD(Objective):
+    """Forward KL to a teacher checkpoint's full distribution (checked to share the student's tokenizer)."""
+
+    teacher: str | None
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    top_k: int | None = None
+
+    def check(self, recipe_name: str) -> None:
+        if not self.teacher:
+            raise ValueError(f"recipe {recipe_name!r} distills: give a teacher checkpoint folder (--teacher)")
+
+    def __call__(self, context: StageContext) -> Loss:
+        teacher = load_teacher(self.teacher, context.model.config, context.tokenizer, dtype=context.dtype,
+                               device=context.device)
+        return Distillation(teacher, temperature=self.temperature, ce_weight=self.ce_weight, top_k=self.top_k)
+
+
+@dataclass(frozen=True)
+class SelfDistillation(Objective):
+    """KL to a frozen copy of the starting weights (QAT: the full-precision model teaches its quantized self)."""
+
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+
+    def __call__(self, context: StageContext) -> Loss:
+        return Distillation(frozen_copy(context.model).to(context.device), temperature=self.temperature, ce_weight=self.ce_weight)
