@@ -328,3 +328,16 @@ def test_generate_and_chat_share_the_sampling_flags():
         ns = vars(parser.parse_args([command, "ckpt", *extra, "--top-k", "5", "--temperature", "0.7", "--seed", "3"]))
         ns.pop("command")
         assert _collect(ns, functions[command])["sampling"] == SamplingConfig(temperature=0.7, top_k=5, seed=3)
+
+
+# ---- the README's scale-out command, as written (with a short run) ------------------------------------------
+
+@pytest.mark.slow
+def test_the_readme_torchrun_pretrain_command_runs(tmp_path, smollm2_dir):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = ["torchrun", "--nproc-per-node", "2", "-m", "mobilellm.cli", "pretrain", "--recipe", "starter",
+           "--parallel", "fsdp", "--steps", "2", "--out", str(tmp_path / "run")]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in metrics(tmp_path / "run") if "loss" in r] == [1, 2]
+    assert (tmp_path / "run" / "checkpoints" / "step_0000002" / "model.safetensors").exists()

@@ -1,17 +1,21 @@
-"""Training: one loop for every stage, pluggable losses (CE, KD) and model transforms (e.g. QAT prepare).
+"""Training: one loop for every stage, set up by one recipe runner; pluggable objectives, transforms, hooks.
 
-    from mobilellm.train import TrainConfig, Schedule, Distillation, frozen_copy, train
-    teacher = frozen_copy(model)                       # self-distillation teacher, full precision
-    train(model, batches, Distillation(teacher), TrainConfig(steps=1000, schedule=Schedule(1e-5, 1000)),
-          "runs/qat", transforms=[lambda m: prepare(m, qconfig)])
+    from recipes.qat import qat                          # a stage is a Recipe (recipes/ holds them as code)
+    from mobilellm.train import run_recipe
+    recipe = qat("smollm2-135m", "shards/", scheme="cpu", steps=100)   # init checkpoint, QATPrepare, self-KD
+    result = run_recipe(recipe, "runs/qat", resume=True)               # torchrun: run_recipe(..., strategy="fsdp")
 """
 
 from .checkpoint import latest_checkpoint
 from .distributed import init_parallel
 from .loop import NonFiniteLossError, TrainConfig, TrainResult, train
 from .losses import CrossEntropy, Distillation
+from .hooks import StepHook, StepState
+from .objectives import CE, KD, Objective, SelfDistillation
 from .optim import OptimConfig, Schedule
+from .recipe import Recipe, run_recipe
 from .teacher import TeacherError, frozen_copy, load_teacher
 
-__all__ = ["CrossEntropy", "Distillation", "NonFiniteLossError", "OptimConfig", "Schedule", "TeacherError",
-           "TrainConfig", "TrainResult", "frozen_copy", "init_parallel", "latest_checkpoint", "load_teacher", "train"]
+__all__ = ["CE", "CrossEntropy", "Distillation", "KD", "NonFiniteLossError", "Objective", "OptimConfig", "Recipe",
+           "Schedule", "SelfDistillation", "StepHook", "StepState", "TeacherError", "TrainConfig", "TrainResult",
+           "frozen_copy", "init_parallel", "latest_checkpoint", "load_teacher", "run_recipe", "train"]
