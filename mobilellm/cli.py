@@ -27,6 +27,9 @@ COMMANDS: dict[str, str] = {
     "tokenize": "mobilellm.commands.tokenize:tokenize",
     "pretrain": "mobilellm.commands.pretrain:pretrain",
     "plot": "mobilellm.commands.plot:plot",
+    "specialize": "mobilellm.commands.merge:specialize",
+    "merge": "mobilellm.commands.merge:merge",
+    "merge-search": "mobilellm.commands.merge:merge_search",
     "quantize": "mobilellm.commands.quantize:quantize",
     "qat": "mobilellm.commands.quantize:qat",
     "generate": "mobilellm.commands.generate:generate",
@@ -84,7 +87,7 @@ def _add_parameter(parser, param: inspect.Parameter, hint, help_text: str, dest:
         parser.add_argument(flag, dest=dest or param.name, **kwargs)
     else:
         if param.default is not inspect.Parameter.empty:
-            kwargs["nargs"] = "?"
+            kwargs["nargs"] = "*" if origin in (list, tuple) else "?"
             kwargs["default"] = param.default
         parser.add_argument(param.name, **kwargs)
 

@@ -207,19 +207,25 @@ class MixtureLoader:
 
 def validation_batches(dataset: TokenDataset, *, seq_len: int, batch_size: int, domains: list[str] | None = None,
                        rank: int = 0, world_size: int = 1, max_batches: int | None = None,
-                       mask_documents: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+                       mask_documents: bool = True, part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, torch.Tensor]]:
     """The held-out documents, in stored order, packed like training batches: fixed and finite.
 
     Row i goes to rank i % world_size; the last row is padded (targets -100) and every rank gets the
     same number of rows (a rank short of one gets a row of padding), so all ranks run the same number
-    of batches; the last batch may be smaller. Pass `domains` to measure one domain at a time.
+    of batches; the last batch may be smaller. Pass `domains` to measure one domain at a time. `part=(k, n)`
+    keeps the held-out documents whose index is k modulo n: disjoint parts for a search and its report.
     """
     domains = dataset.domains if domains is None else domains
     stores = [(name, dataset.documents(name, "val")) for name in domains]
     if sum(len(s) for _, s in stores) == 0:
         raise DataError(f"no validation documents in {', '.join(domains)} of {dataset.folder} "
                         "(tokenized with --val-fraction 0?)")
-    rows = _rank_rows(stores, seq_len, rank, world_size, mask_documents)
+    k, n = part
+    if not 0 <= k < n:
+        raise ValueError(f"part must be (k, n) with 0 <= k < n, got {part}")
+    if not any(i % n == k for _, s in stores for i in range(len(s))):
+        raise DataError(f"part {k} of {n} of the validation documents of {', '.join(domains)} is empty")
+    rows = _rank_rows(stores, seq_len, rank, world_size, mask_documents, part)
     for count in itertools.count():
         if max_batches is not None and count >= max_batches:
             return
@@ -230,8 +236,8 @@ def validation_batches(dataset: TokenDataset, *, seq_len: int, batch_size: int, 
 
 
 def _rank_rows(stores: list[tuple[str, DocumentStore]], seq_len: int, rank: int, world_size: int,
-               mask_documents: bool) -> Iterator[dict[str, np.ndarray]]:
-    keys = iter([(name, i) for name, store in stores for i in range(len(store))])
+               mask_documents: bool, part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, np.ndarray]]:
+    keys = iter([(name, i) for name, store in stores for i in range(len(store)) if i % part[1] == part[0]])
     by_name = dict(stores)
 
     def draw():

@@ -1,0 +1,174 @@
+"""Merging: methods against hand-computed tensors, streamed checkpoint merges (each tensor read once), refusals,
+the weight search, mergekit configs, and a merged checkpoint that generates."""
+
+import json
+
+import pytest
+import torch
+
+from mobilellm.cli import main as cli
+from mobilellm.hf import TensorReader, load_pretrained, save_pretrained
+from mobilellm.merge import MERGE_FILE, MergeError, MergeMethod, merge_checkpoints, search_weights, simplex_grid
+from mobilellm.merge.checkpoints import load_states, merge_states
+from mobilellm.merge.mergekit_config import read_mergekit_config
+from mobilellm.merge.methods import keep_largest, ties
+from mobilellm.model import build_model
+from tests.data_helpers import tiny_tokenizer
+from tests.train_common import TINY, one_thread  # noqa: F401 (autouse fixture)
+
+
+# ---- the math, by hand -----------------------------------------------------------------------------------------
+
+A, B, BASE = torch.tensor([1.0, -2.0, 3.0, 0.5]), torch.tensor([3.0, 2.0, -1.0, 0.5]), torch.tensor([1.0, 0.0, 1.0, 0.0])
+
+
+def test_linear_is_the_weighted_average():
+    out = MergeMethod("linear")([A, B], [0.25, 0.75])
+    assert torch.equal(out, torch.tensor([2.5, 1.0, 0.0, 0.5]))
+
+
+def test_task_arithmetic_adds_weighted_task_vectors_to_the_base():
+    # deltas: A-BASE = [0, -2, 2, .5]; B-BASE = [2, 2, -2, .5]
+    out = MergeMethod("task_arithmetic")([A, B], [1.0, 0.5], BASE)
+    assert torch.equal(out, BASE + torch.tensor([1.0, -1.0, 1.0, 0.75]))
+
+
+def test_ties_trims_elects_signs_and_averages_the_agreeing():
+    # deltas: a = [0, -2, 2, .5], b = [2, 2, -2, .5]; density .5 keeps 2 of 4 by magnitude:
+    # a -> [0, -2, 2, 0]; b -> [2, 2, 0, 0] (topk's tie among the three 2s: the first two)
+    assert torch.equal(keep_largest(torch.tensor([2.0, 2.0, -2.0, 0.5]), 0.5), torch.tensor([2.0, 2.0, 0.0, 0.0]))
+    # weights (1, 1): sums [2, 0, 2, 0] -> signs [+, + (tie), +, +]; agreeing: elem0 b (2), elem1 b (2),
+    # elem2 a (2), elem3 none -> merged [2/1, 2/1, 2/1, 0]
+    out = ties(BASE, [A, B], [1.0, 1.0], density=0.5)
+    assert torch.equal(out, BASE + torch.tensor([2.0, 2.0, 2.0, 0.0]))
+    # weights (3, 1): weighted a = [0, -6, 6, 0], b = [2, 2, 0, 0]; sums [2, -4, 6, 0] -> [+, -, +, +];
+    # agreeing: elem0 b: 2/1; elem1 a: -6/3; elem2 a: 6/3; elem3 none; lambda .5 halves it
+    out = ties(BASE, [A, B], [3.0, 1.0], density=0.5, lam=0.5)
+    assert torch.equal(out, BASE + 0.5 * torch.tensor([2.0, -2.0, 2.0, 0.0]))
+
+
+def test_merge_math_keeps_the_dtype_and_leaves_inputs_alone():
+    a, b = A.bfloat16(), B.bfloat16()
+    out = MergeMethod("linear")([a, b], [0.5, 0.5])
+    assert out.dtype == torch.bfloat16 and torch.equal(a, A.bfloat16())
+
+
+@pytest.mark.parametrize("method, weights, match", [
+    ("linear", [0.5, 0.6], "must sum to 1"),
+    ("linear", [1.5, -0.5], "must be >= 0"),
+    ("nope", [1.0], "unknown merge method"),
+])
+def test_bad_weights_and_methods_are_named(method, weights, match):
+    with pytest.raises(MergeError, match=match):
+        MergeMethod(method).check_weights(weights)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def three(tmp_path):
+    """Three tiny models sharing a tokenizer, with a tied embedding, saved in several shards each."""
+    tokenizer = tiny_tokenizer()
+    config = TINY.replace(vocab_size=tokenizer.vocab_size, tie_embeddings=True)
+    folders = []
+    for seed in range(3):
+        folder = tmp_path / f"m{seed}"
+        save_pretrained(build_model(config, seed=seed), folder, max_shard_bytes=20_000)
+        tokenizer.save(folder)
+        folders.append(folder)
+    return folders
+
+
+def test_a_streamed_merge_equals_the_hand_computed_tensors_and_reads_each_once(tmp_path, three, monkeypatch):
+    reads = []
+    real_get = TensorReader.get
+    monkeypatch.setattr(TensorReader, "get", lambda self, name: reads.append((self.folder, name)) or real_get(self, name))
+    weights = [0.5, 0.3, 0.2]
+    out = merge_checkpoints(three, weights, MergeMethod("linear"), tmp_path / "merged", max_shard_bytes=20_000,
+                            progress=False)
+    assert len(reads) == len(set(reads))  # no tensor of any input is read twice
+    models = [load_pretrained(f) for f in three]
+    merged = load_pretrained(out)
+    for name, tensor in merged.state_dict().items():
+        expected = sum(w * m.state_dict()[name] for w, m in zip(weights, models))
+        torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-6, msg=name)
+    assert merged.lm_head.weight is merged.embed_tokens.weight  # the tied table merged once, still tied
+    assert "lm_head.weight" not in TensorReader(out, merged.config.family).keys()
+    record = json.loads((out / MERGE_FILE).read_text())
+    assert [m["weight"] for m in record["models"]] == weights and record["method"]["name"] == "linear"
+    assert len(record["models"][0]["weights_sha256"]) > 1  # every shard hashed
+    assert (out / "tokenizer.json").exists()
+
+
+def test_in_memory_merges_equal_the_streamed_one(tmp_path, three):
+    out = merge_checkpoints(three[1:], [0.5, 0.5], MergeMethod("task_arithmetic"), tmp_path / "ta", base=three[0],
+                            progress=False)
+    _, states = load_states(three)
+    in_memory = merge_states(states[1:], [0.5, 0.5], MergeMethod("task_arithmetic"), base=states[0])
+    for name, tensor in load_pretrained(out).state_dict().items():
+        if name != "lm_head.weight":
+            torch.testing.assert_close(tensor, in_memory[name], rtol=0, atol=0, msg=name)
+
+
+def test_unmergeable_inputs_are_refused_by_name(tmp_path, three):
+    other = tmp_path / "other"
+    save_pretrained(build_model(load_pretrained(three[0]).config.replace(ffn_dim=96), seed=0), other)
+    with pytest.raises(MergeError, match="another model config.*ffn_dim: 128 vs 96"):
+        merge_checkpoints([three[0], other], [0.5, 0.5], MergeMethod("linear"), tmp_path / "x", progress=False)
+    (three[1] / "tokenizer.json").write_text((three[1] / "tokenizer.json").read_text().replace("doc", "dog"))
+    with pytest.raises(MergeError, match="different tokenizers"):
+        merge_checkpoints(three[:2], [0.5, 0.5], MergeMethod("linear"), tmp_path / "x", progress=False)
+    assert cli(["quantize", str(three[2]), "--scheme", "cpu", "--out", str(tmp_path / "int4")]) == 0
+    with pytest.raises(MergeError, match="is quantized"):
+        merge_checkpoints([three[0], tmp_path / "int4"], [0.5, 0.5], MergeMethod("linear"), tmp_path / "x",
+                          progress=False)
+    with pytest.raises(MergeError, match="give the base model"):
+        merge_checkpoints(three[:1], [1.0], MergeMethod("ties"), tmp_path / "x", progress=False)
+    with pytest.raises(MergeError, match="2 models but 3 weights"):
+        merge_checkpoints(three[:2], [0.2, 0.3, 0.5], MergeMethod("linear"), tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+def test_merge_command_and_the_merged_checkpoint_generates(tmp_path, three, capsys):
+    assert cli(["merge", *map(str, three), "--weights", "0.2", "0.3", "0.5", "--out", str(tmp_path / "m")]) == 0
+    assert cli(["generate", str(tmp_path / "m"), "--prompt", "doc 1", "--max-new-tokens", "4"]) == 0
+    assert cli(["merge", str(three[0]), "--weights", "0.7", "--out", str(tmp_path / "bad")]) == 2
+    assert "must sum to 1" in capsys.readouterr().err
+
+
+def test_a_mergekit_config_runs_as_mergekit_means_it(tmp_path, three):
+    config = tmp_path / "merge.yml"
+    config.write_text(f"""
+merge_method: linear
+models:
+  - model: {three[0]}
+    parameters: {{weight: 1.0}}
+  - model: {three[1]}
+    parameters: {{weight: 3.0}}
+dtype: float32
+""")
+    plan = read_mergekit_config(config)
+    assert plan.method.name == "linear" and plan.weights == [0.25, 0.75]  # mergekit normalizes linear weights
+    assert cli(["merge", "--config", str(config), "--out", str(tmp_path / "m")]) == 0
+    config.write_text("merge_method: slerp\nmodels: []\n")
+    with pytest.raises(MergeError, match="slerp"):
+        read_mergekit_config(config)
+
+
+# ---- weight search -------------------------------------------------------------------------------------------
+
+def test_the_simplex_grid_covers_the_simplex():
+    grid = simplex_grid(3, 0.25)
+    assert len(grid) == 15 and all(abs(sum(w) - 1) < 1e-12 for w in grid) and [0.5, 0.25, 0.25] in grid
+    with pytest.raises(MergeError, match="must divide 1"):
+        simplex_grid(3, 0.3)
+
+
+@pytest.mark.parametrize("strategy", ["grid", "cma"])
+def test_the_search_finds_the_known_optimum(strategy):
+    best = torch.tensor([0.6, 0.3, 0.1])
+    result = search_weights(lambda w: float(((torch.tensor(w) - best) ** 2).sum()), 3, strategy=strategy, step=0.1,
+                            budget=120)
+    weights, score = result.best
+    assert score < 1e-3 and torch.allclose(torch.tensor(weights), best, atol=0.03)
+    assert all(abs(sum(w) - 1) < 1e-9 and min(w) >= 0 for w, _ in result.trials)  # every trial a valid merge
