@@ -37,12 +37,12 @@ def loss(model, batch):
         os.kill(os.getpid(), signal.SIGKILL)
     return CrossEntropy()(model, batch)
 
-real_save = checkpoint.dcp.save
-def dying_save(state, checkpoint_id):
-    if mode == "save" and "step_0000006" in str(checkpoint_id):
+real_write = checkpoint.write_state
+def dying_write(folder, name, tree):
+    if mode == "save" and "step_0000006" in str(folder) and name == "optimizer":
         os.kill(os.getpid(), signal.SIGKILL)
-    return real_save(state, checkpoint_id=checkpoint_id)
-checkpoint.dcp.save = dying_save
+    return real_write(folder, name, tree)
+checkpoint.write_state = dying_write
 
 model, batches, config = tiny_setup(steps=%d, save_every=%d)
 train(model, batches, loss, config, run_dir)
