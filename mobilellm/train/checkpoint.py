@@ -136,7 +136,7 @@ def read_train_state(folder: Path) -> dict:
     if not resume.is_dir():
         if any((folder / name).exists() for name in OLD_FORMAT):
             raise CheckpointError(
-                f"{folder} is a training checkpoint of an older mobilellm ({' and '.join(OLD_FORMAT)}, stored with "
+                f"{folder} is a training checkpoint of an older mobilellm (train_state.pt and dcp/, stored with "
                 "pickle, which can run code when read): this format is not supported any more, and it was not "
                 "opened. Its weights (model.safetensors) still load as a model to start a new run from")
         raise CheckpointError(f"{folder} is not a complete training checkpoint (no {RESUME}/ folder)")

@@ -59,7 +59,9 @@ def read_state(folder: Path, name: str):
 
 
 def _encode(value, path: str, tensors: dict, names: dict):
-    """JSON for `value`; tensors and arrays go into `tensors` under a key made from `path` (`names`: id -> key)."""
+    """JSON for `value`; tensors and arrays go into `tensors` under a key made from `path`.
+
+    `names` maps id(tensor) and ("storage", data_ptr) of what is stored already to its key."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (np.bool_, np.number)):
@@ -71,8 +73,10 @@ def _encode(value, path: str, tensors: dict, names: dict):
             while key in tensors:  # a dict key with a dot in it can repeat another path
                 n += 1
                 key = f"{path}#{n}"
-            tensors[key] = _as_tensor(value, path)
-            names[id(value)] = key
+            tensor = _as_tensor(value, path)
+            storage = ("storage", tensor.untyped_storage().data_ptr())
+            tensors[key] = tensor.clone() if storage in names else tensor  # safetensors takes no views of another
+            names[id(value)], names[storage] = key, key
         return {marker: names[id(value)]}
     if isinstance(value, tuple):
         return {"$tuple": [_encode(v, f"{path}.{i}", tensors, names) for i, v in enumerate(value)]}
