@@ -10,8 +10,8 @@ tokens is attended as [ring slots before the chunk] + [the chunk's own keys], so
 still see their in-window keys that the chunk is about to overwrite; the mask drops what falls out of each
 query's window. Global (and chunked-attention) layers keep every position up to `max_len`.
 
-With `int8=True`, K and V are stored as int8 with one fp32 scale per token and head (symmetric absmax);
-they are dequantized to the compute dtype when attended.
+With `int8=True`, K and V are stored as int8 with one fp32 scale per token and head (symmetric absmax,
+`mobilellm.quant.math.quantize_kv_int8`, the math QAT fakes); they are dequantized to the compute dtype when attended.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from ..config import ModelConfig
 from ..model import rope_frequencies, rotation_tables
 from ..quant.kernels import int8_kv_attention
-from .kv_quant import dequantize_int8, quantize_int8
+from ..quant.math import dequantize_kv_int8, quantize_kv_int8
 
 MiB = 2**20
 
@@ -68,8 +68,8 @@ class KVStore:
     def write(self, index, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v (B, n_kv, T, hd) at slot `index` (a slice or an index tensor of length T)."""
         if self.int8:
-            self.k[:, :, index], self.k_scale[:, :, index] = quantize_int8(k)
-            self.v[:, :, index], self.v_scale[:, :, index] = quantize_int8(v)
+            self.k[:, :, index], self.k_scale[:, :, index] = quantize_kv_int8(k)
+            self.v[:, :, index], self.v_scale[:, :, index] = quantize_kv_int8(v)
         else:
             self.k[:, :, index] = k
             self.v[:, :, index] = v
@@ -77,13 +77,13 @@ class KVStore:
     def read(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots [0, end) in the compute dtype: (B, n_kv, end, hd) each."""
         if self.int8:
-            return (dequantize_int8(self.k[:, :, :end], self.k_scale[:, :, :end], self.dtype),
-                    dequantize_int8(self.v[:, :, :end], self.v_scale[:, :, :end], self.dtype))
+            return (dequantize_kv_int8(self.k[:, :, :end], self.k_scale[:, :, :end], self.dtype),
+                    dequantize_kv_int8(self.v[:, :, :end], self.v_scale[:, :, :end], self.dtype))
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def stored(self, x: torch.Tensor) -> torch.Tensor:
         """x as a later read will return it (through int8 and back when the store is int8)."""
-        return dequantize_int8(*quantize_int8(x), self.dtype) if self.int8 else x
+        return dequantize_kv_int8(*quantize_kv_int8(x), self.dtype) if self.int8 else x
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.k, self.v] + ([self.k_scale, self.v_scale] if self.int8 else [])
