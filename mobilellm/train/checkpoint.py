@@ -15,10 +15,11 @@ Every resume file is JSON or safetensors (`safe_state` says exactly what they ma
 fails to load but never runs code; the pickle-based format of older versions (train_state.pt, dcp/) is
 refused. Model and optimizer are stored as *full* tensors by parameter name: saving gathers them on
 process 0 (CPU), resuming reads them there and broadcasts them, each process keeping its FSDP2 shard or
-DDP replica, so a run saved by N processes resumes with M. The cost is process 0's memory: the whole
-state at once, about 13 GB for a 1B model with Adam (fp32 weights and two moments), plus one tensor file's
-bytes while it is written, acceptable at the sizes this tool trains. Sharded per-process files would
-spare it, at the price of resharding logic (or torch.distributed.checkpoint, whose metadata is a pickle).
+DDP replica, so a run saved by N processes resumes with M. The cost is process 0's CPU memory: the whole
+state at once, about 13 GB for a 1B model with Adam (fp32 weights and two moments; safetensors writes
+from the tensors' own memory, no second copy), acceptable at the sizes this tool trains. Per-process
+sharded files would spare it, at the price of resharding logic or of torch.distributed.checkpoint, whose
+metadata is a pickle (its safetensors storage keeps tensors only, not the optimizer's param groups).
 """
 
 from __future__ import annotations
