@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.machine import machine_info, write_json  # noqa: E402
-from mobilellm.infer.kv_quant import quantize_int8  # noqa: E402
 from mobilellm.quant.kernels import int8_kv_attention, load_extension  # noqa: E402
+from mobilellm.quant.math import quantize_kv_int8  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "int8_kv_attention.json"
 
@@ -48,8 +48,8 @@ def main() -> None:
     results = {}
     for n in args.lengths:
         gen = torch.Generator().manual_seed(n)
-        k, k_scale = quantize_int8(torch.randn(1, 4, n, 64, generator=gen))
-        v, v_scale = quantize_int8(torch.randn(1, 4, n, 64, generator=gen))
+        k, k_scale = quantize_kv_int8(torch.randn(1, 4, n, 64, generator=gen))
+        v, v_scale = quantize_kv_int8(torch.randn(1, 4, n, 64, generator=gen))
         q = torch.randn(1, 20, 1, 64, generator=gen)
         repeats = max(5, 20_000 // n)
         kernel = best_time(lambda: int8_kv_attention(q, k, k_scale, v, v_scale, n, backend="cpp"), repeats)

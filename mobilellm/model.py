@@ -4,9 +4,8 @@ Pre-norm RMSNorm blocks, GQA attention with RoPE (rotate-half or interleaved pai
 parameter-free q/k L2 norm and NoPE layers (Llama-4-text), per-layer local (sliding-window) or global
 attention, SwiGLU MLP, tied embeddings. Module names follow HF Llama so checkpoints map by name.
 
-A KV cache is any object with `update(layer, k, v, positions) -> (k_all, v_all, k_positions)`
-(see mobilellm.infer), and optionally `rotations(positions)` returning what `rope_angles` would; the model
-itself keeps no decoding state.
+A KV cache is a `mobilellm.cache_protocol.AttentionCache`: `update(layer, k, v, positions) -> (k_all, v_all,
+k_positions)` and the capabilities it declares (see mobilellm.infer.cache); the model itself keeps no decoding state.
 """
 
 from __future__ import annotations
@@ -117,7 +116,7 @@ class Attention(nn.Module):
             scale = torch.log1p(torch.floor((positions.float() + 1.0) / cfg.attn_floor_scale)) * cfg.attn_scale + 1.0
             q = (q * scale[:, :, None, None]).type_as(q)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, T, hd)
-        if (T == 1 and getattr(cache, "attends_one_token", False) and masks.cached_chunks
+        if (T == 1 and masks.cached_chunks and cache.attends_one_token  # cached_chunks: there is a cache
                 and self.layer_type in ("full_attention", "sliding_attention")):
             y = cache.attend_one_token(self.layer, q, k, v)  # decode straight from the cache's own storage
         else:
@@ -178,7 +177,7 @@ class MaskCache:
         self.plain_causal_ok = doc_ids is None and not has_cache and self.backend != "flex"
         # A cache that returns keys as [every past key, the chunk's own] (infer.KVCache says so) lets attention
         # skip masked work (CachedChunk); other caches (e.g. eval's prefix cache, with padding) get masks.
-        self.cached_chunks = (getattr(cache, "keys_past_then_chunk", False) and doc_ids is None
+        self.cached_chunks = (has_cache and cache.keys_past_then_chunk and doc_ids is None
                               and self.backend == "sdpa")
         self.start = cache.next_position if self.cached_chunks else 0
         self._masks: dict[str, torch.Tensor | None] = {}
@@ -229,9 +228,9 @@ class Transformer(nn.Module):
         if positions is None:
             start = cache.next_position if cache is not None else 0
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-        rotations = getattr(cache, "rotations", None)  # a cache may hold precomputed tables (decode)
-        rope = (rotations(positions) if rotations is not None else
-                rope_angles(positions, self.config.head_dim, self.config.rope_theta, self.config.rope_layout))
+        rope = cache.rotations(positions) if cache is not None else None  # a cache may hold the tables (decode)
+        if rope is None:
+            rope = rope_angles(positions, self.config.head_dim, self.config.rope_theta, self.config.rope_layout)
         masks = MaskCache(self.config, positions, doc_ids, self.attn_backend, cache)
         x = self.embed_tokens(tokens)
         for block in self.layers:

@@ -8,16 +8,16 @@ import torch
 from mobilellm.config import ModelConfig
 from mobilellm.infer.cache import RotationTable
 from mobilellm.infer.engine import decode_one_token, new_cache, prefill
-from mobilellm.infer.kv_quant import quantize_int8
 from mobilellm.model import build_model, rope_angles
 from mobilellm.quant import QuantConfig, quantize_
 from mobilellm.quant.kernels import int8_kv_attention, load_extension
+from mobilellm.quant.math import quantize_kv_int8
 
 
 def int8_store(B, Hkv, S, hd, seed):
     gen = torch.Generator().manual_seed(seed)
-    k, k_scale = quantize_int8(torch.randn(B, Hkv, S, hd, generator=gen) * 2)
-    v, v_scale = quantize_int8(torch.randn(B, Hkv, S, hd, generator=gen))
+    k, k_scale = quantize_kv_int8(torch.randn(B, Hkv, S, hd, generator=gen) * 2)
+    v, v_scale = quantize_kv_int8(torch.randn(B, Hkv, S, hd, generator=gen))
     return k, k_scale, v, v_scale
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mobilellm.attention import attention_mask
+from mobilellm.cache_protocol import AttentionCache
 from mobilellm.config import ModelConfig
 from mobilellm.model import apply_rope, build_model, rotation_tables
 
@@ -119,3 +120,29 @@ def test_flex_attention_equals_eager_with_windows_and_documents():
         model.attn_backend = "eager"
         eager = model(tokens, positions, doc_ids)
     torch.testing.assert_close(flex, eager, atol=1e-5, rtol=1e-5)
+
+
+class KeepEverything(AttentionCache):
+    """The cache protocol with only its defaults: every key kept and handed back, the model builds masks
+    from their positions and computes RoPE."""
+
+    def __init__(self):
+        self.kv: dict[int, tuple] = {}
+
+    def update(self, layer, k, v, positions):
+        old_k, old_v, old_pos = self.kv.get(layer, (k[:, :, :0], v[:, :, :0], positions[:, :0]))
+        self.kv[layer] = torch.cat([old_k, k], 2), torch.cat([old_v, v], 2), torch.cat([old_pos, positions], 1)
+        return self.kv[layer]
+
+
+def test_a_cache_declaring_no_capability_decodes_as_the_full_forward():
+    cfg = ModelConfig.from_name("tiny")
+    model = build_model(cfg, seed=0)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 2 * cfg.sliding_window + 3))  # past the sliding window
+    cache = KeepEverything()
+    with torch.no_grad():
+        full = model(tokens)
+        steps = [model(tokens[:, :5], cache=cache)] + [model(tokens[:, i:i + 1], cache=cache)
+                                                       for i in range(5, tokens.shape[1])]
+    assert cache.next_position == tokens.shape[1]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)

@@ -76,15 +76,13 @@ def test_int8_round_trip_bound_and_zero_exact():
 
 
 def test_kv_fake_quant_is_per_token_per_head_and_idempotent_in_the_int8_cache():
-    from mobilellm.infer.kv_quant import dequantize_int8, quantize_int8
-
     torch.manual_seed(0)
     k = torch.randn(2, 3, 5, 16)
     k[1, 2, 4] *= 100  # one outlier token of one head must not coarsen any other (head, token)
     fq = qm.fake_quantize_kv_int8(k)
     err = (fq - k).abs()
     assert err[0].max() < 0.02 and err[1, :2].max() < 0.02 and err[1, 2, 4].max() > 0.1
-    assert torch.equal(dequantize_int8(*quantize_int8(fq), torch.float32), fq)  # the cache stores it exactly
+    assert torch.equal(qm.dequantize_kv_int8(*qm.quantize_kv_int8(fq), torch.float32), fq)  # the cache stores it exactly
     k.requires_grad_(True)
     qm.fake_quantize_kv_int8(k).sum().backward()
     assert torch.equal(k.grad, torch.ones_like(k))

@@ -1,6 +1,9 @@
 """Checkpoints: a run killed mid-way (SIGKILL, even while saving) resumes to the bit-identical loss sequence."""
 
 import json
+import pickle
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mobilellm.hf import load_pretrained
+from mobilellm.hf import CheckpointError, load_pretrained
 from mobilellm.train.checkpoint import latest_checkpoint, step_dirs
 from mobilellm.train.loop import train
 from mobilellm.train.losses import CrossEntropy
@@ -38,12 +41,12 @@ class Dying(CrossEntropy):
             os.kill(os.getpid(), signal.SIGKILL)
         return super().__call__(model, batch)
 
-real_save = checkpoint.dcp.save
-def dying_save(state, checkpoint_id):
-    if mode == "save" and "step_0000006" in str(checkpoint_id):
+real_write = checkpoint.write_state
+def dying_write(folder, name, tree):
+    if mode == "save" and "step_0000006" in str(folder) and name == "optimizer":
         os.kill(os.getpid(), signal.SIGKILL)
-    return real_save(state, checkpoint_id=checkpoint_id)
-checkpoint.dcp.save = dying_save
+    return real_write(folder, name, tree)
+checkpoint.write_state = dying_write
 
 model, batches, config = tiny_setup(steps=%d, save_every=%d)
 train(model, batches, Dying(), config, run_dir)
@@ -93,3 +96,75 @@ def test_resume_of_a_finished_run_does_nothing_more(tmp_path):
     run(tmp_path)
     again = run(tmp_path, resume=True)
     assert again.losses == [] and again.checkpoint.name == f"step_{STEPS:07d}"
+
+
+# ---- no pickle: a planted file is refused and never run ------------------------------------------------
+RESUME_FILES = [f"resume/{name}.{ext}" for name in ("model", "optimizer", "train_state")
+                for ext in ("json", "safetensors")]
+
+
+class Plant:
+    """Unpickling it creates `marker`: what a malicious checkpoint file would do instead."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def plant(path, marker):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(Plant(marker)))
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    """A run of 2 steps, checkpointed at each; tests copy it."""
+    run_dir = tmp_path_factory.mktemp("two_steps")
+    model, batches, config = tiny_setup(steps=2, save_every=1)
+    with single_thread():
+        train(model, batches, CrossEntropy(), config, run_dir)
+    return run_dir
+
+
+def resume(run_dir, steps=3):
+    model, batches, config = tiny_setup(steps=steps, save_every=1)
+    return train(model, batches, CrossEntropy(), config, run_dir, resume=True)
+
+
+def test_the_planted_pickle_runs_when_unpickled(tmp_path):
+    plant(tmp_path / "file", tmp_path / "marker")
+    pickle.loads((tmp_path / "file").read_bytes())
+    assert (tmp_path / "marker").exists()  # so the tests below would see it, had a resume unpickled
+
+
+@pytest.mark.parametrize("name", RESUME_FILES)
+def test_a_resume_file_replaced_by_a_pickle_is_refused_unrun(tmp_path, two_steps, name):
+    run_dir, marker = tmp_path / "run", tmp_path / "marker"
+    shutil.copytree(two_steps, run_dir)
+    plant(latest_checkpoint(run_dir) / name, marker)
+    with pytest.raises(CheckpointError, match=re.escape(name)):
+        resume(run_dir)
+    assert not marker.exists()
+
+
+def test_pickles_where_the_old_format_kept_its_state_are_never_opened(tmp_path, two_steps):
+    run_dir, marker = tmp_path / "run", tmp_path / "marker"
+    shutil.copytree(two_steps, run_dir)
+    for name in ("train_state.pt", "dcp/.metadata", "dcp/__0_0.distcp"):
+        plant(latest_checkpoint(run_dir) / name, marker)
+    assert resume(run_dir).step == 3
+    assert not marker.exists()
+
+
+def test_an_old_format_checkpoint_is_refused_unopened(tmp_path, two_steps):
+    run_dir, marker = tmp_path / "run", tmp_path / "marker"
+    shutil.copytree(two_steps, run_dir)
+    old = latest_checkpoint(run_dir)
+    shutil.rmtree(old / "resume")
+    for name in ("train_state.pt", "dcp/.metadata", "dcp/__0_0.distcp"):
+        plant(old / name, marker)
+    with pytest.raises(CheckpointError, match="older mobilellm.*not supported"):
+        resume(run_dir)
+    assert not marker.exists()

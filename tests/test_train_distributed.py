@@ -83,11 +83,12 @@ def test_fsdp_on_two_processes_matches_one_and_resumes_on_one(tmp_path, referenc
     assert_same_weights(resumed.model, reference.model)
 
 
-@pytest.mark.slow
-def test_ddp_on_two_processes_resumes_a_single_process_run(tmp_path, reference):
-    run = tmp_path / "ddp"
+# fsdp: rank 0 reads the full checkpoint and broadcasts it, each process keeping its shard
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp"])
+def test_two_processes_resume_a_single_process_run(tmp_path, reference, strategy):
+    run = tmp_path / strategy
     single(run, stop=3)
-    torchrun(tmp_path, "ddp", run, stop=TOTAL, resume=True)  # 1 process -> 2
+    torchrun(tmp_path, strategy, run, stop=TOTAL, resume=True)  # 1 process -> 2
     assert losses(run) == pytest.approx(reference.losses, rel=LOSS_RTOL)
     from mobilellm.hf import load_pretrained
     from mobilellm.train.checkpoint import latest_checkpoint

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cache_protocol import AttentionCache
+
 HEAD_CHUNK = 1024  # positions per LM-head call: bounds the (n, vocab) logits in memory
 
 
-class PrefixCache:
+class PrefixCache(AttentionCache):
     """The KV-cache protocol for two passes: store prefix keys, then serve them to continuation rows.
 
     Pass 1 (`rows is None`): the padded prefixes (G, Lp) are cached; padding slots get position -1,

@@ -1,7 +1,7 @@
 """The KV cache for decoding: a ring buffer per sliding-window layer, a pre-allocated buffer per global layer.
 
-It implements the model's cache protocol (mobilellm/model.py): `next_position`,
-`update(layer, k, v, positions) -> (k_all, v_all, k_positions)` and `advance(T)`. The cache assumes the
+It implements the model's cache protocol (mobilellm.cache_protocol.AttentionCache): `update(layer, k, v,
+positions) -> (k_all, v_all, k_positions)`, RoPE tables, keys as [past, chunk], and int8 decode from storage. The cache assumes the
 batch rows advance together from position 0 (one conversation per row, same length), so the position of
 every slot follows from `next_position` alone and no position bookkeeping is stored.
 
@@ -10,18 +10,19 @@ tokens is attended as [ring slots before the chunk] + [the chunk's own keys], so
 still see their in-window keys that the chunk is about to overwrite; the mask drops what falls out of each
 query's window. Global (and chunked-attention) layers keep every position up to `max_len`.
 
-With `int8=True`, K and V are stored as int8 with one fp32 scale per token and head (symmetric absmax);
-they are dequantized to the compute dtype when attended.
+With `int8=True`, K and V are stored as int8 with one fp32 scale per token and head (symmetric absmax,
+`mobilellm.quant.math.quantize_kv_int8`, the math QAT fakes); they are dequantized to the compute dtype when attended.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..cache_protocol import AttentionCache
 from ..config import ModelConfig
 from ..model import rope_frequencies, rotation_tables
 from ..quant.kernels import int8_kv_attention
-from .kv_quant import dequantize_int8, quantize_int8
+from ..quant.math import dequantize_kv_int8, quantize_kv_int8
 
 MiB = 2**20
 
@@ -68,8 +69,8 @@ class KVStore:
     def write(self, index, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v (B, n_kv, T, hd) at slot `index` (a slice or an index tensor of length T)."""
         if self.int8:
-            self.k[:, :, index], self.k_scale[:, :, index] = quantize_int8(k)
-            self.v[:, :, index], self.v_scale[:, :, index] = quantize_int8(v)
+            self.k[:, :, index], self.k_scale[:, :, index] = quantize_kv_int8(k)
+            self.v[:, :, index], self.v_scale[:, :, index] = quantize_kv_int8(v)
         else:
             self.k[:, :, index] = k
             self.v[:, :, index] = v
@@ -77,25 +78,24 @@ class KVStore:
     def read(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots [0, end) in the compute dtype: (B, n_kv, end, hd) each."""
         if self.int8:
-            return (dequantize_int8(self.k[:, :, :end], self.k_scale[:, :, :end], self.dtype),
-                    dequantize_int8(self.v[:, :, :end], self.v_scale[:, :, :end], self.dtype))
+            return (dequantize_kv_int8(self.k[:, :, :end], self.k_scale[:, :, :end], self.dtype),
+                    dequantize_kv_int8(self.v[:, :, :end], self.v_scale[:, :, :end], self.dtype))
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def stored(self, x: torch.Tensor) -> torch.Tensor:
         """x as a later read will return it (through int8 and back when the store is int8)."""
-        return dequantize_int8(*quantize_int8(x), self.dtype) if self.int8 else x
+        return dequantize_kv_int8(*quantize_kv_int8(x), self.dtype) if self.int8 else x
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.k, self.v] + ([self.k_scale, self.v_scale] if self.int8 else [])
 
 
-class KVCache:
+class KVCache(AttentionCache):
     """Per-layer KV storage that knows each layer's attention type (ring for sliding, full for global)."""
 
     # update() returns keys as [past, the chunk's own T keys]: the past is every earlier position (global
     # layers) or the ring (sliding), so attention can skip masked work (mobilellm.attention.CachedChunk).
     keys_past_then_chunk = True
-    # Decode steps of sliding and global layers may call attend_one_token instead of update (int8 stores).
 
     def __init__(self, config: ModelConfig, max_len: int, batch: int = 1, dtype: torch.dtype = torch.float32,
                  int8: bool = False, device="cpu"):
@@ -104,6 +104,7 @@ class KVCache:
         if max_len > config.max_seq_len:
             raise ValueError(f"max_len {max_len} is past the model's context of {config.max_seq_len} tokens")
         self.config, self.max_len, self.int8 = config, max_len, int8
+        # Decode steps of sliding and global layers call attend_one_token instead of update (int8 on the CPU).
         self.attends_one_token = int8 and torch.device(device).type == "cpu"
         self.window = config.sliding_window
         self.next_position = 0
@@ -158,9 +159,6 @@ class KVCache:
         """The ring slot of `position` as an index tensor. A slice there would make torch.compile guard on
         whether the slot is 0 (a view's offset) and compile the decode step again when the ring wraps."""
         return torch.arange(position, position + 1, device=device) % self.window
-
-    def advance(self, T: int) -> None:
-        self.next_position += T
 
     def attend_one_token(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Decode (int8 caches): store the new token's k, v (B, n_kv, 1, hd) and return q's (B, H, 1, hd)

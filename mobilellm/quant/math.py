@@ -191,11 +191,21 @@ def fake_quantize_int8_per_token(x: torch.Tensor) -> torch.Tensor:
 
 # ---- int8 KV cache (per token, per head) -------------------------------------------------------
 
-def fake_quantize_kv_int8(kv: torch.Tensor) -> torch.Tensor:
-    """Keys or values (B, n_kv, T, hd) through the KV cache's int8 format (mobilellm.infer.kv_quant:
-    symmetric absmax, one scale per batch row, head and token), with STE: what the cpu scheme's int8 cache
-    will hand back at inference, seen already in training."""
-    from ..infer.kv_quant import quantize_int8  # the cache's own math, so training and inference agree
+def quantize_kv_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The KV cache's int8 format, symmetric absmax with one scale per token and head:
+    x (..., T, hd) -> int8 values (..., T, hd) and fp32 scales (..., T, 1) with x ~= q * scale."""
+    scale = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127.0
+    q = torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8)
+    return q, scale
 
-    q, scale = quantize_int8(kv)
+
+def dequantize_kv_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale).to(dtype)
+
+
+def fake_quantize_kv_int8(kv: torch.Tensor) -> torch.Tensor:
+    """Keys or values (B, n_kv, T, hd) through the KV cache's int8 format (`quantize_kv_int8`: one scale per
+    batch row, head and token), with STE: what the cpu scheme's int8 cache will hand back at inference
+    (mobilellm.infer.cache stores with the same function), seen already in training."""
+    q, scale = quantize_kv_int8(kv)
     return (kv + (q.float() * scale - kv.float()).detach()).to(kv.dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..cache_protocol import AttentionCache
 from ..model import Attention
 from .kernels import default_backend, int4_linear, row_correction
 from .layout import from_panels, panel_rows, to_panels
@@ -116,7 +117,7 @@ class QuantizedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int4 group={self.embedding_dim // self.weight_scale.shape[1]}"
 
 
-class _Int8KV:
+class _Int8KV(AttentionCache):
     """Wraps a KV cache (or none): keys/values are int8-quantized per token and head before use/storage."""
 
     def __init__(self, cache):
@@ -125,13 +126,13 @@ class _Int8KV:
     def update(self, layer, k, v, positions):  # k, v: (B, n_kv, T, hd)
         if self.cache is None:
             return fake_quantize_kv_int8(k), fake_quantize_kv_int8(v), positions
-        if not getattr(self.cache, "int8", False):  # an int8 cache quantizes them itself, with the same math
+        if not self.cache.int8:  # an int8 cache quantizes them itself, with the same math
             k, v = fake_quantize_kv_int8(k), fake_quantize_kv_int8(v)
         return self.cache.update(layer, k, v, positions)
 
     @property
     def attends_one_token(self) -> bool:  # an int8 cache's decode path already stores what this would
-        return getattr(self.cache, "int8", False) and getattr(self.cache, "attends_one_token", False)
+        return self.cache is not None and self.cache.int8 and self.cache.attends_one_token
 
     def attend_one_token(self, layer, q, k, v):
         return self.cache.attend_one_token(layer, q, k, v)
