@@ -9,15 +9,13 @@ leaves a half-written checkpoint.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_folder
 from .config import CONFIG_FILE, ConfigError, ModelConfig
 from .model import Transformer
 
@@ -231,38 +229,6 @@ def load_pretrained(folder: str | Path, dtype: torch.dtype | None = torch.float3
 
 
 # ---- writing ---------------------------------------------------------------------------------------
-
-def atomic_folder(folder: Path):
-    """Context manager yielding a temp folder beside `folder`, renamed onto it only on success."""
-    return _AtomicFolder(folder)
-
-
-class _AtomicFolder:
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-
-    def __enter__(self) -> Path:
-        self.folder.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.tmp-", dir=self.folder.parent))
-        self.tmp.chmod(0o755)  # mkdtemp's 0700 would make shared caches unreadable
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        for f in self.tmp.iterdir():  # make the data durable before it becomes visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if self.folder.exists():
-            old = self.folder.with_name(f".{self.folder.name}.old-{os.getpid()}")
-            os.replace(self.folder, old)
-        os.replace(self.tmp, self.folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return False
-
 
 def save_pretrained(model: Transformer, folder: str | Path, max_shard_bytes: int = 2 * 1024**3,
                     extra_files: dict[str, str] | None = None) -> Path:
