@@ -274,13 +274,15 @@ def check_state_dict(model: Transformer, tensors: dict[str, torch.Tensor], conte
     wrong_kind = [f"{k}: checkpoint {tensors[k].dtype} vs model {expected[k].dtype}"
                   for k in shared if tensors[k].is_floating_point() != expected[k].is_floating_point()]
 
-    def some(names: list[str]) -> str:
-        return f"{names[:5]}{' ...' if len(names) > 5 else ''}"
-
-    problems = ([f"missing tensors {some(missing)}"] if missing else []) + \
-               ([f"unexpected tensors {some(unexpected)}"] if unexpected else []) + \
-               (["shape mismatches " + "; ".join(wrong_shape[:5])] if wrong_shape else []) + \
-               (["dtype mismatches " + "; ".join(wrong_kind[:5])] if wrong_kind else [])
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    if wrong_shape:
+        problems.append("shape mismatches " + "; ".join(wrong_shape[:5]))
+    if wrong_kind:
+        problems.append("dtype mismatches " + "; ".join(wrong_kind[:5]))
     if problems:
         context = context or f"checkpoint does not fit config {model.config.name!r}"
         raise CheckpointError(f"{context}: " + "; ".join(problems))
@@ -371,7 +373,7 @@ class ShardWriter:
         self._shard, self._shard_bytes = {}, 0
 
     def _finish(self) -> None:
-        if not self._shard and not self.shards:
+        if not self._added:
             raise ValueError(f"no tensors were added to {self.folder}")
         if self._shard:
             self._write_shard()
