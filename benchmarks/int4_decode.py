@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 
 import resource
 import statistics
@@ -38,7 +36,7 @@ from mobilellm.quant.kernels import int4_linear, load_extension, row_correction 
 from mobilellm.quant.layout import to_panels  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import machine_info, read_bandwidth  # noqa: E402
+from machine import machine_info, read_bandwidth, write_json  # noqa: E402
 
 SHAPES = {"q/o_proj": (1280, 1280), "k/v_proj": (256, 1280), "gate/up_proj": (6144, 1280),
           "down_proj": (1280, 6144), "lm_head": (202048, 1280),
@@ -284,10 +282,7 @@ def main():
                         "only on the first layers (memory budget); roofline = weight bytes / measured read "
                         "bandwidth (single streaming sum) at the same thread count"}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, results)
     print(f"wrote {out}")
 
 

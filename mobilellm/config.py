@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import write_text_atomic
+
 LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 ROPE_LAYOUTS = ("half", "interleaved")  # Llama 2/3 rotate-half; Llama-4-text complex pairs
 FAMILIES = ("llama", "llama4")  # checkpoint layout on disk (HF key names and config.json)
@@ -114,9 +116,7 @@ class ModelConfig:
         return cls(**data)
 
     def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / CONFIG_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        return write_text_atomic(Path(folder) / CONFIG_FILE, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, folder_or_file: str | Path) -> "ModelConfig":

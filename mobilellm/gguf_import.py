@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from .config import ConfigError, ModelConfig
-from .hf import CheckpointError
+from .hf import CheckpointError, model_from_tensors
+from .model import Transformer
 
 # GGUF tensor names (llama.cpp) -> ours, per block.
 BLOCK_NAMES = {
@@ -74,6 +75,12 @@ def read_gguf(path: str | Path, name: str | None = None) -> tuple[ModelConfig, d
         pad_id=_field(reader, "tokenizer.ggml.padding_token_id"),
     )
     return config, tensors
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype | None = None, name: str | None = None) -> Transformer:
+    """The model of a GGUF file, its weights dequantized (float32, or `dtype`)."""
+    config, tensors = read_gguf(path, name)
+    return model_from_tensors(config, tensors, dtype)
 
 
 def gguf_tokenizer_files(path: str | Path) -> dict[str, str]:

@@ -4,20 +4,25 @@ Our own checkpoints use the same layout plus `mobilellm_config.json`, the one so
 model shape; a folder without it (a download of facebook/MobileLLM-R1-950M, a converted SmolLM2) is
 read from its HF `config.json`. Writes go to a temporary folder renamed into place, so a crash never
 leaves a half-written checkpoint.
+
+Tools that touch every tensor stream them: `TensorReader` reads one tensor at a time, `ShardWriter` writes
+each shard as it fills, and `model_from_tensors` is the one place a model is built (and its head tied)
+from tensors.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
+from .atomic import atomic_folder
 from .config import CONFIG_FILE, ConfigError, ModelConfig
 from .model import Transformer
 
@@ -170,9 +175,14 @@ def read_config(folder: str | Path) -> ModelConfig:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    if (folder / INDEX_FILE).exists():
-        index = json.loads((folder / INDEX_FILE).read_text())
-        return [folder / f for f in sorted(set(index["weight_map"].values()))]
+    """The safetensors files of a checkpoint: those its index names, else model.safetensors, else any."""
+    index_path = folder / INDEX_FILE
+    if index_path.exists():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"malformed {index_path}: {err!r}") from None
+        return [folder / f for f in sorted(set(weight_map.values()))]
     if (folder / WEIGHTS_FILE).exists():
         return [folder / WEIGHTS_FILE]
     found = sorted(folder.glob("*.safetensors"))
@@ -181,122 +191,216 @@ def weight_files(folder: Path) -> list[Path]:
     return found
 
 
-def read_tensors(folder: Path, family: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for path in weight_files(folder):
-        if not path.exists():
-            raise CheckpointError(f"weight file {path} named in the index is missing")
-        try:
-            with safe_open(path, framework="pt") as f:
+@contextmanager
+def _safetensors(path: Path) -> Iterator:
+    """safe_open(path), its failures as a CheckpointError naming the file."""
+    if not path.exists():
+        raise CheckpointError(f"weight file {path} named in the index is missing")
+    try:
+        with safe_open(path, framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CheckpointError(f"cannot read {path} (corrupt or truncated safetensors?): {err}") from None
+
+
+class TensorReader:
+    """The tensors of a checkpoint folder (one safetensors file, or shards and their index) under our names,
+    read one at a time, so a tool that touches every tensor (merge, convert) never holds the whole model:
+
+        reader = TensorReader(folder, config.family)
+        for name, tensor in reader.items():
+            ...
+
+    Opening reads only the files' headers. A tensor read from safetensors is a view of its file's memory map,
+    whose pages stay resident while the file is open or the tensor alive, so each `get` opens the file anew:
+    resident memory follows the tensors the caller keeps. Float tensors are cast to `dtype` when given.
+    """
+
+    def __init__(self, folder: str | Path, family: str, dtype: torch.dtype | None = None):
+        self.folder, self.dtype = Path(folder), dtype
+        self._where: dict[str, tuple[Path, str]] = {}  # our name -> (file, its name in the file)
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for path in weight_files(self.folder):
+            with _safetensors(path) as f:
                 for key in f.keys():
-                    t = f.get_tensor(key)
-                    tensors[from_hf_name(key, family)] = t.to(dtype) if dtype is not None else t
-        except (SafetensorError, OSError, RuntimeError) as err:
-            raise CheckpointError(f"cannot read {path} (corrupt or truncated safetensors?): {err}") from None
-    return tensors
+                    name = from_hf_name(key, family)
+                    if name in self._where:
+                        raise CheckpointError(f"tensor {key!r} is in both {self._where[name][0]} and {path}")
+                    self._where[name] = (path, key)
+                    self._shapes[name] = tuple(f.get_slice(key).get_shape())
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        path, key = self._where[name]
+        with _safetensors(path) as f:
+            tensor = f.get_tensor(key)
+        return tensor.to(self.dtype) if self.dtype is not None and tensor.is_floating_point() else tensor
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) for every tensor, file by file."""
+        for name in self._where:
+            yield name, self.get(name)
 
 
-def check_state_dict(model: Transformer, tensors: dict[str, torch.Tensor]) -> None:
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+def read_tensors(folder: Path, family: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All the tensors of a checkpoint at once (TensorReader streams them)."""
+    return dict(TensorReader(folder, family, dtype).items())
+
+
+def check_state_dict(model: Transformer, tensors: dict[str, torch.Tensor], context: str | None = None) -> None:
+    """Raise a CheckpointError `context: problems` naming missing, unexpected and misshapen tensors (and any
+    integer tensor where the model holds a float one, or the reverse). A tied head may be stored or not."""
+    expected = model.state_dict()
+    given = set(tensors)
     if model.config.tie_embeddings:
-        expected.pop("lm_head.weight")
-        tensors.pop("lm_head.weight", None)  # some exporters write the tied head anyway
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(s)}"
-             for k, s in expected.items() if k in tensors and tensors[k].shape != s]
+        expected.pop("lm_head.weight", None)
+        given.discard("lm_head.weight")  # some exporters write the tied head anyway
+    missing = sorted(set(expected) - given)
+    unexpected = sorted(given - set(expected))
+    shared = [k for k in expected if k in given]
+    wrong_shape = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+                   for k in shared if tensors[k].shape != expected[k].shape]
+    wrong_kind = [f"{k}: checkpoint {tensors[k].dtype} vs model {expected[k].dtype}"
+                  for k in shared if tensors[k].is_floating_point() != expected[k].is_floating_point()]
+
     problems = []
     if missing:
         problems.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if unexpected:
         problems.append(f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-    if wrong:
-        problems.append("shape mismatches " + "; ".join(wrong[:5]))
+    if wrong_shape:
+        problems.append("shape mismatches " + "; ".join(wrong_shape[:5]))
+    if wrong_kind:
+        problems.append("dtype mismatches " + "; ".join(wrong_kind[:5]))
     if problems:
-        raise CheckpointError(f"checkpoint does not fit config {model.config.name!r}: " + "; ".join(problems))
+        context = context or f"checkpoint does not fit config {model.config.name!r}"
+        raise CheckpointError(f"{context}: " + "; ".join(problems))
 
 
-def model_from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> Transformer:
-    """Build the model on meta, check the tensors against it, assign them, and tie the head."""
-    with torch.device("meta"):
-        model = Transformer(config)
-    check_state_dict(model, tensors)
-    model.load_state_dict(tensors, strict=False, assign=True)
-    if config.tie_embeddings:
+def model_from_tensors(model: ModelConfig | Transformer, tensors: dict[str, torch.Tensor],
+                       dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                       context: str | None = None) -> Transformer:
+    """A model whose weights are `tensors` (our names), never allocated twice: built from a config on the meta
+    device (or `model`, a skeleton already there, such as a quantized one), checked (check_state_dict, with
+    `context` heading its error), assigned, and a tied float head pointed back at the embedding (a quantized
+    skeleton's shared head is quant.checkpoint's to tie). Float tensors are cast to `dtype` when given; the
+    model moves to `device` when given."""
+    if isinstance(model, ModelConfig):
+        with torch.device("meta"):
+            model = Transformer(model)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    check_state_dict(model, tensors, context)
+    model.load_state_dict(tensors, strict=False, assign=True)  # strict but for a tied head: checked above
+    if model.config.tie_embeddings and isinstance(model.lm_head, nn.Linear):
         model.lm_head.weight = model.embed_tokens.weight
-    return model
+    return model if device is None else model.to(device)
 
 
 def load_pretrained(folder: str | Path, dtype: torch.dtype | None = torch.float32, device="cpu") -> Transformer:
     """Load a model from an HF-format folder (ours, or a transformers/hub download)."""
     folder = Path(folder)
     config = read_config(folder)
-    return model_from_tensors(config, read_tensors(folder, config.family, dtype)).to(device)
+    tensors = read_tensors(folder, config.family, dtype)  # cast one tensor at a time
+    return model_from_tensors(config, tensors, device=device,
+                              context=f"checkpoint {folder} does not fit config {config.name!r}")
 
 
 # ---- writing ---------------------------------------------------------------------------------------
 
-def atomic_folder(folder: Path):
-    """Context manager yielding a temp folder beside `folder`, renamed onto it only on success."""
-    return _AtomicFolder(folder)
+class ShardWriter:
+    """Write a checkpoint folder tensor by tensor (our names), atomically: a shard file is written as soon as
+    the next tensor would take it past `max_shard_bytes`, so at most one shard is held in memory.
 
+        with ShardWriter(out, config, extra_files=tokenizer_files) as writer:
+            for name, tensor in TensorReader(src, config.family).items():
+                writer.add(name, tensor)
 
-class _AtomicFolder:
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
+    On close one shard becomes model.safetensors; several become model-0000i-of-0000N.safetensors with
+    HF's index. config.json (torch_dtype: the first tensor's dtype), mobilellm_config.json and `extra_files`
+    are written beside them. A tied LM head is the embedding: it is not stored. On error nothing changes.
+    """
 
-    def __enter__(self) -> Path:
-        self.folder.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.tmp-", dir=self.folder.parent))
-        self.tmp.chmod(0o755)  # mkdtemp's 0700 would make shared caches unreadable
-        return self.tmp
+    def __init__(self, folder: str | Path, config: ModelConfig, max_shard_bytes: int = 2 * 1024**3,
+                 extra_files: dict[str, str] | None = None):
+        self.folder, self.config, self.max_shard_bytes = Path(folder), config, max_shard_bytes
+        self.extra_files = dict(extra_files or {})
+        self.shards: list[list[str]] = []  # HF names in each shard written so far
+        self.total_bytes = 0
+        self.dtype: torch.dtype | None = None
+        self._shard: dict[str, torch.Tensor] = {}  # the shard being filled, by HF name
+        self._shard_bytes = 0
+        self._added: set[str] = set()
 
-    def __exit__(self, exc_type, exc, tb):
+    def __enter__(self) -> "ShardWriter":
+        with ExitStack() as stack:  # kept open past this block only if the config files could be written
+            self.tmp = stack.enter_context(atomic_folder(self.folder))
+            self.config.save(self.tmp)
+            for name, text in self.extra_files.items():
+                (self.tmp / name).write_text(text)
+            self._folder = stack.pop_all()
+        return self
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self.config.tie_embeddings and name == "lm_head.weight":
+            return
+        if name in self._added:
+            raise ValueError(f"tensor {name!r} was added twice")
+        self._added.add(name)
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._shard and self._shard_bytes + nbytes > self.max_shard_bytes:
+            self._write_shard()
+        self._shard[to_hf_name(name, self.config.family)] = tensor.detach().contiguous().cpu()
+        self._shard_bytes += nbytes
+        self.total_bytes += nbytes
+        if self.dtype is None:
+            self.dtype = tensor.dtype
+
+    def _write_shard(self) -> None:
+        save_file(self._shard, self.tmp / f".shard-{len(self.shards):05d}", metadata={"format": "pt"})
+        self.shards.append(list(self._shard))
+        self._shard, self._shard_bytes = {}, 0
+
+    def _finish(self) -> None:
+        if not self._added:
+            raise ValueError(f"no tensors were added to {self.folder}")
+        if self._shard:
+            self._write_shard()
+        n = len(self.shards)
+        names = [WEIGHTS_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for i, name in enumerate(names):
+            (self.tmp / f".shard-{i:05d}").rename(self.tmp / name)
+        if n > 1:
+            weight_map = {key: name for name, keys in zip(names, self.shards) for key in keys}
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        dtype = str(self.dtype).removeprefix("torch.")
+        hf = {**config_to_hf(self.config), "torch_dtype": dtype}
+        (self.tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        for f in self.tmp.iterdir():  # make the data durable before it becomes visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if self.folder.exists():
-            old = self.folder.with_name(f".{self.folder.name}.old-{os.getpid()}")
-            os.replace(self.folder, old)
-        os.replace(self.tmp, self.folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            return self._folder.__exit__(exc_type, exc, tb)  # removes the temp folder
+        with self._folder:  # renamed into place, or removed if finishing fails
+            self._finish()
         return False
 
 
 def save_pretrained(model: Transformer, folder: str | Path, max_shard_bytes: int = 2 * 1024**3,
                     extra_files: dict[str, str] | None = None) -> Path:
     """Write config.json, mobilellm_config.json and safetensors (sharded past max_shard_bytes)."""
-    folder = Path(folder)
-    cfg = model.config
-    state = {k: v for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][to_hf_name(key, cfg.family)] = tensor.detach().contiguous().cpu()
-        size += nbytes
-    with atomic_folder(folder) as tmp:
-        cfg.save(tmp)
-        dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps({**config_to_hf(cfg), "torch_dtype": dtype}, indent=2) + "\n")
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        if len(shards) == 1:
-            save_file(shards[0], tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / fname, metadata={"format": "pt"})
-                weight_map.update({k: fname for k in shard})
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    return folder
+    with ShardWriter(folder, model.config, max_shard_bytes, extra_files) as writer:
+        for name, tensor in model.state_dict().items():
+            writer.add(name, tensor)
+    return Path(folder)

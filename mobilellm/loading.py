@@ -31,7 +31,7 @@ def _from_gguf(path: Path, dtype: torch.dtype, config_changes: dict) -> tuple[Tr
     from .gguf_import import gguf_tokenizer_files, read_gguf
 
     config, tensors = read_gguf(path, name=path.stem)
-    model = model_from_tensors(config.replace(**config_changes), {k: v.to(dtype) for k, v in tensors.items()})
+    model = model_from_tensors(config.replace(**config_changes), tensors, dtype=dtype)
     return model, gguf_tokenizer_files(path)
 
 

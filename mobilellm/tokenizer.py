@@ -10,6 +10,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from .atomic import write_text_atomic
+
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -112,14 +114,14 @@ class Tokenizer:
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(folder / TOKENIZER_FILE))
+        write_text_atomic(folder / TOKENIZER_FILE, self.backend.to_str(pretty=True))
         # transformers takes one eos_token; every end-of-turn token is kept under our own key.
         config = {"bos_token": self.bos_token, "eos_token": self.eos_tokens[0] if self.eos_tokens else None,
                   EXTRA_EOS_KEY: list(self.eos_tokens), "pad_token": self.pad_token,
                   "tokenizer_class": "PreTrainedTokenizerFast"}
-        (folder / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        write_text_atomic(folder / TOKENIZER_CONFIG, json.dumps(config, indent=2) + "\n")
         if self.chat_template:
-            (folder / CHAT_TEMPLATE_FILE).write_text(self.chat_template)
+            write_text_atomic(folder / CHAT_TEMPLATE_FILE, self.chat_template)
 
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int, show_progress: bool = True) -> "Tokenizer":

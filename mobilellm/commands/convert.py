@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
+from ..dtypes import DTYPES
 from ..hf import save_pretrained
 from ..loading import load
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def convert(source: Path, out: Path, *, dtype: str = "float32", name: str | None = None) -> None:

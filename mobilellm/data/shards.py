@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..atomic import atomic_file, write_json_atomic
 from ..tokenizer import Tokenizer, TokenizerError
-from .files import atomic_file, write_json_atomic
 from .sources import DataError, Source, SourceStats, read_documents
 
 MANIFEST = "manifest.json"

@@ -14,13 +14,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import DataError
+
 KINDS = ("text", "jsonl", "parquet", "hf")
 DEFAULT_PATTERNS = ("**/*.txt", "**/*.md")
 _SUFFIX_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".txt": "text", ".md": "text"}
-
-
-class DataError(ValueError):
-    """Input data that cannot be read or used: names the file and the problem."""
 
 
 @dataclass

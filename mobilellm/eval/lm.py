@@ -13,19 +13,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..dtypes import parse_dtype  # noqa: F401  (the eval commands import it from here)
 from ..infer.engine import generate, new_cache
 from ..loading import load
 from ..tokenizer import Tokenizer
 from .loglik import TokenRequest, loglikelihood_tokens, token_logprobs
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
-
 
 class EvalLM:
     def __init__(self, model, tokenizer: Tokenizer, *, batch_tokens: int = 2048, progress: bool = True):

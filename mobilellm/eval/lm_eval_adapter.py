@@ -15,7 +15,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from .lm import EvalLM, parse_dtype
+from ..dtypes import parse_dtype
+from .lm import EvalLM
 from .loglik import TokenRequest
 
 @register_model("mobilellm")

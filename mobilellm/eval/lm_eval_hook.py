@@ -71,9 +71,6 @@ def default_site_dir() -> Path:
 
 
 def write_pth(site_dir: Path) -> Path:
-    path = Path(site_dir) / PTH_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(PTH_FILE + ".tmp")
-    tmp.write_text(PTH_LINE)
-    os.replace(tmp, path)
-    return path
+    from ..atomic import write_text_atomic  # here, not at the top: every Python start-up imports this module
+
+    return write_text_atomic(Path(site_dir) / PTH_FILE, PTH_LINE)

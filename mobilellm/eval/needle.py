@@ -8,13 +8,14 @@ depth x length grid of retrieval accuracy, drawn as a heatmap.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
+
+from ..atomic import atomic_file
 
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "\nWhat is the pass key? The pass key is"
@@ -94,9 +95,6 @@ def save_heatmap(grid: NeedleGrid, path: Path, title: str = "needle in a haystac
     ax.set_title(f"{title} (mean {grid.to_dict()['mean']:.2f}, {grid.trials} keys per cell)")
     fig.colorbar(image, ax=ax, label="retrieval accuracy")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_file(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import write_json_atomic
 from .tasks import get_task
 
 RESULTS_VERSION = 1
@@ -48,11 +49,7 @@ def model_description(lm) -> dict:
 
 def save_results(results: dict, path: Path) -> None:
     """Written to a temporary file renamed into place: an interrupted run leaves no half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, results, indent=1)
 
 
 def load_results(path: Path) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..hf import CheckpointError, read_config, read_tensors, save_pretrained
+from ..hf import ShardWriter, model_from_tensors, read_config, read_tensors, save_pretrained
 from ..model import Transformer
 from .api import convert, prepare
 from .config import QUANT_CONFIG_FILE, QuantConfig
@@ -35,42 +35,17 @@ def quantized_skeleton(model_config, config: QuantConfig, dtype: torch.dtype = t
         return convert(prepare(model, config), config)
 
 
-def _float_tied_head(model: Transformer) -> bool:
-    """A tied LM head kept in float (quantize_embeddings=False): saved once, as the embedding's weight."""
-    return model.config.tie_embeddings and not isinstance(model.lm_head, QuantizedLinear)
-
-
-def _check(model: Transformer, tensors: dict[str, torch.Tensor], folder: Path) -> None:
-    expected = model.state_dict()
-    if _float_tied_head(model):
-        expected.pop("lm_head.weight")
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [f"{k}: checkpoint {tuple(tensors[k].shape)} {tensors[k].dtype} vs model {tuple(v.shape)} {v.dtype}"
-             for k, v in expected.items()
-             if k in tensors and (tensors[k].shape != v.shape or (v.dtype == torch.uint8) != (tensors[k].dtype == torch.uint8))]
-    problems = ([f"missing tensors {missing[:4]}"] if missing else []) + \
-               ([f"unexpected tensors {unexpected[:4]}"] if unexpected else []) + wrong[:4]
-    if problems:
-        raise CheckpointError(f"{folder} does not match its quantization config: " + "; ".join(problems))
-
-
 def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, QuantConfig]:
     """(converted model, its QuantConfig) from save_quantized's folder; float tensors (norms) in `dtype`."""
     folder = Path(folder)
     model_config = read_config(folder)
     config = QuantConfig.load(folder)
-    model = quantized_skeleton(model_config, config, dtype)
-    tensors = read_tensors(folder, model_config.family)
-    _check(model, tensors, folder)
-    tensors = {k: v if v.dtype == torch.uint8 or k.endswith("weight_scale") else v.to(dtype) for k, v in tensors.items()}
-    if _float_tied_head(model):
-        model.load_state_dict(tensors, strict=False, assign=True)  # (strict: _check above)
-        model.lm_head.weight = model.embed_tokens.weight
-        return model, config
-    model.load_state_dict(tensors, strict=True, assign=True)
+    tensors = {k: v if v.dtype == torch.uint8 or k.endswith("weight_scale") else v.to(dtype)
+               for k, v in read_tensors(folder, model_config.family).items()}
+    model = model_from_tensors(quantized_skeleton(model_config, config, dtype), tensors,
+                               context=f"{folder} does not match its quantization config")
     head = model.lm_head
-    if isinstance(head, QuantizedLinear) and head.packed_weight.is_meta:  # tied: it reads the embedding's table
+    if isinstance(head, QuantizedLinear) and head.packed_weight.is_meta:  # shared: it reads the embedding's table
         head.packed_weight, head.weight_scale = model.embed_tokens.packed_weight, model.embed_tokens.weight_scale
     return model, config
 
@@ -81,22 +56,14 @@ def export_fake_quant(model: Transformer, config: QuantConfig, folder: str | Pat
     if config.share_embeddings:
         raise ValueError("the fake-quant export is for untied schemes (accelerator); save the cpu scheme "
                          "with save_quantized")
-    state = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
-            packed, scales = module.int4_rows()
-            state[f"{name}.weight"] = dequantize_int4(unpack_int4(packed), scales)
-            state[f"{name}.weight_fake_quantizer.scale"] = scales.float()
-    state.update({k: v for k, v in model.state_dict().items() if not k.endswith(("packed_weight", "weight_scale"))})
     text = json.dumps(config.to_dict(), indent=2) + "\n"
-    return save_pretrained(_StateOnly(model.config, state), folder, extra_files={QUANT_CONFIG_FILE: text})
-
-
-class _StateOnly:
-    """What save_pretrained reads of a model: its config and state dict."""
-
-    def __init__(self, config, state):
-        self.config, self._state = config, state
-
-    def state_dict(self):
-        return self._state
+    with ShardWriter(folder, model.config, extra_files={QUANT_CONFIG_FILE: text}) as writer:
+        for name, module in model.named_modules():  # one float weight at a time, never the whole model
+            if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+                packed, scales = module.int4_rows()
+                writer.add(f"{name}.weight", dequantize_int4(unpack_int4(packed), scales))
+                writer.add(f"{name}.weight_fake_quantizer.scale", scales.float())
+        for name, tensor in model.state_dict().items():
+            if not name.endswith(("packed_weight", "weight_scale")):
+                writer.add(name, tensor)
+    return Path(folder)

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import write_text_atomic
+from ..dtypes import DTYPES
+
 QUANT_CONFIG_FILE = "quantization_config.json"
 # Bumped when the stored tensors change meaning. 2: the cpu scheme's int4 tensors are in 8-row panels (layout.py).
 FORMAT_VERSION = 2
-SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ACTIVATIONS = ("int8_dynamic", "none")
 
 
@@ -48,8 +50,8 @@ class QuantConfig:
             raise ValueError(f"group_size must be a positive multiple of 32 or None, got {self.group_size}")
         if self.activations not in ACTIVATIONS:
             raise ValueError(f"activations must be one of {ACTIVATIONS}, got {self.activations!r}")
-        if self.scale_dtype not in SCALE_DTYPES:
-            raise ValueError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+        if self.scale_dtype not in DTYPES:
+            raise ValueError(f"scale_dtype must be one of {sorted(DTYPES)}, got {self.scale_dtype!r}")
 
     @classmethod
     def from_scheme(cls, scheme: str) -> "QuantConfig":
@@ -59,7 +61,7 @@ class QuantConfig:
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
-        return SCALE_DTYPES[self.scale_dtype]
+        return DTYPES[self.scale_dtype]
 
     def group_for(self, in_features: int) -> int:
         return self.group_size or in_features
@@ -77,7 +79,7 @@ class QuantConfig:
         return cls(**{k: v for k, v in d.items() if k in fields})
 
     def save(self, folder: str | Path) -> None:
-        (Path(folder) / QUANT_CONFIG_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text_atomic(Path(folder) / QUANT_CONFIG_FILE, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, folder: str | Path) -> "QuantConfig":

@@ -11,12 +11,12 @@ installs beside torch 2.13 without replacing it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..atomic import atomic_file
 from ..model import Transformer
 from .config import QuantConfig
 from .math import unpack_int4
@@ -76,11 +76,9 @@ def export_pte(model: Transformer, config: QuantConfig, path: str | Path, seq_le
     with torch.no_grad():
         program = torch.export.export(plain, example, strict=False)
     buffer = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buffer)
-    os.replace(tmp, path)
-    return path
+    with atomic_file(path, "wb") as fh:
+        fh.write(buffer)
+    return Path(path)
 
 
 def run_pte(path: str | Path, tokens: torch.Tensor) -> torch.Tensor:

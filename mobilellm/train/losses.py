@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from ..data.packing import IGNORE_INDEX
+
 # (logits (n, V) fp32, rows, need_grad) -> (summed loss, d loss / d logits (n, V) or None). The logits
 # buffer is the function's to overwrite (e.g. into its own gradient).
 ChunkLoss = Callable[[torch.Tensor, slice, bool], tuple[torch.Tensor, torch.Tensor | None]]

@@ -7,6 +7,7 @@ import math
 import time
 from pathlib import Path
 
+from ..atomic import write_text_atomic
 from ..config import ModelConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -81,9 +82,7 @@ class ProgressLog:
         if not self.enabled or not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= done]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def _write(self, record: dict) -> None:
         with self.path.open("a") as f:

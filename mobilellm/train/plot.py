@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from ..atomic import atomic_file
 from .metrics import read_metrics
 
 
@@ -49,8 +49,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(out) if out is not None else run_dir / "loss.png"
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(out, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, out)
     return out

@@ -22,7 +22,7 @@ from typing import Callable
 from ..artifacts import resolve_checkpoint
 from ..config import ModelConfig
 from ..data import MixtureLoader, TokenDataset, validation_batches
-from ..data.files import write_json_atomic
+from ..atomic import write_json_atomic
 from ..loading import load
 from ..model import build_model
 from ..tokenizer import TOKENIZER_FILE, Tokenizer, tokenizer_files

@@ -8,11 +8,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ...errors import DataError
 from .. import metrics
-
-
-class DataError(ValueError):
-    """A task file that is missing or not in the expected format."""
 
 
 @dataclass(frozen=True)

@@ -10,16 +10,16 @@ each `target_scores` key is scored as a continuation; the highest-scored keys ar
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import tarfile
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
 from ...artifacts import cache_root, pip_download
+from ...atomic import atomic_folder
 from .base import DataError, MultipleChoiceItem
 
 REQUIREMENT = "bigbench==1.0.0"
@@ -37,22 +37,19 @@ def fetch_bigbench(names: list[str]) -> Path:
     missing = [n for n in names if not (root / n / "task.json").exists()]
     if not missing:
         return root
-    with tempfile.TemporaryDirectory(dir=cache_root()) as tmp:
+    with tempfile.TemporaryDirectory(dir=cache_root()) as tmp, ExitStack() as folders:
         archive = pip_download(REQUIREMENT, Path(tmp), sdist=True)
-        staged = Path(tmp) / "tasks"
+        staged = {name: folders.enter_context(atomic_folder(root / name)) for name in missing}
         with tarfile.open(archive) as tar:
             for member in tar:
                 m = TASK_JSON.match(member.name)
-                if m and m.group(1) in missing and member.isfile():
-                    target = staged / m.group(1) / m.group(2) / "task.json"
+                if m and m.group(1) in staged and member.isfile():
+                    target = staged[m.group(1)] / m.group(2) / "task.json"
                     target.parent.mkdir(parents=True, exist_ok=True)
                     target.write_bytes(tar.extractfile(member).read())
-        root.mkdir(parents=True, exist_ok=True)
-        for name in missing:
-            if not (staged / name).exists():
+        for name, folder in staged.items():
+            if not any(folder.iterdir()):
                 raise DataError(f"BIG-bench has no JSON task named {name!r}")
-            shutil.rmtree(root / name, ignore_errors=True)
-            os.replace(staged / name, root / name)
     return root
 
 
