@@ -13,7 +13,8 @@ from mobilellm.merge.checkpoints import load_states, merge_states
 from mobilellm.merge.mergekit_config import read_mergekit_config
 from mobilellm.merge.methods import keep_largest, ties
 from mobilellm.model import build_model
-from tests.data_helpers import tiny_tokenizer
+from mobilellm.tokenizer import Tokenizer
+from tests.data_helpers import make_texts, tiny_tokenizer
 from tests.train_common import TINY, one_thread  # noqa: F401 (autouse fixture)
 
 
@@ -34,17 +35,18 @@ def test_task_arithmetic_adds_weighted_task_vectors_to_the_base():
 
 
 def test_ties_trims_elects_signs_and_averages_the_agreeing():
-    # deltas: a = [0, -2, 2, .5], b = [2, 2, -2, .5]; density .5 keeps 2 of 4 by magnitude:
-    # a -> [0, -2, 2, 0]; b -> [2, 2, 0, 0] (topk's tie among the three 2s: the first two)
-    assert torch.equal(keep_largest(torch.tensor([2.0, 2.0, -2.0, 0.5]), 0.5), torch.tensor([2.0, 2.0, 0.0, 0.0]))
-    # weights (1, 1): sums [2, 0, 2, 0] -> signs [+, + (tie), +, +]; agreeing: elem0 b (2), elem1 b (2),
-    # elem2 a (2), elem3 none -> merged [2/1, 2/1, 2/1, 0]
-    out = ties(BASE, [A, B], [1.0, 1.0], density=0.5)
-    assert torch.equal(out, BASE + torch.tensor([2.0, 2.0, 2.0, 0.0]))
-    # weights (3, 1): weighted a = [0, -6, 6, 0], b = [2, 2, 0, 0]; sums [2, -4, 6, 0] -> [+, -, +, +];
-    # agreeing: elem0 b: 2/1; elem1 a: -6/3; elem2 a: 6/3; elem3 none; lambda .5 halves it
-    out = ties(BASE, [A, B], [3.0, 1.0], density=0.5, lam=0.5)
-    assert torch.equal(out, BASE + 0.5 * torch.tensor([2.0, -2.0, 2.0, 0.0]))
+    base = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    a, b = base + torch.tensor([0.5, -2.0, 3.0, 0.5]), base + torch.tensor([2.0, 1.0, -2.5, 0.25])
+    # density .5 keeps 2 of 4 entries by magnitude: deltas a -> [0, -2, 3, 0], b -> [2, 0, -2.5, 0]
+    assert torch.equal(keep_largest(b - base, 0.5), torch.tensor([2.0, 0.0, -2.5, 0.0]))
+    # weights (1, 1): sums [2, -2, .5, 0] elect [+, -, +, + (a tie)]; the agreeing entries: b's 2, a's -2,
+    # a's 3, none; each divided by the weight that agrees (1)
+    out = ties(base, [a, b], [1.0, 1.0], density=0.5)
+    assert torch.equal(out, base + torch.tensor([2.0, -2.0, 3.0, 0.0]))
+    # weights (1, 3): weighted a [0, -2, 3, 0], b [6, 0, -7.5, 0]; sums [6, -2, -4.5, 0] elect [+, -, -, +];
+    # agreeing: b 6/3, a -2/1, b -7.5/3, none; lambda .5 halves it
+    out = ties(base, [a, b], [1.0, 3.0], density=0.5, lam=0.5)
+    assert torch.equal(out, base + 0.5 * torch.tensor([2.0, -2.0, -2.5, 0.0]))
 
 
 def test_merge_math_keeps_the_dtype_and_leaves_inputs_alone():
@@ -112,10 +114,11 @@ def test_in_memory_merges_equal_the_streamed_one(tmp_path, three):
 
 def test_unmergeable_inputs_are_refused_by_name(tmp_path, three):
     other = tmp_path / "other"
-    save_pretrained(build_model(load_pretrained(three[0]).config.replace(ffn_dim=96), seed=0), other)
-    with pytest.raises(MergeError, match="another model config.*ffn_dim: 128 vs 96"):
+    config = load_pretrained(three[0]).config
+    save_pretrained(build_model(config.replace(ffn_dim=96), seed=0), other)
+    with pytest.raises(MergeError, match=f"another model config.*ffn_dim: {config.ffn_dim} vs 96"):
         merge_checkpoints([three[0], other], [0.5, 0.5], MergeMethod("linear"), tmp_path / "x", progress=False)
-    (three[1] / "tokenizer.json").write_text((three[1] / "tokenizer.json").read_text().replace("doc", "dog"))
+    Tokenizer.train_bpe([t.upper() for t in make_texts(200)], 300, show_progress=False).save(three[1])
     with pytest.raises(MergeError, match="different tokenizers"):
         merge_checkpoints(three[:2], [0.5, 0.5], MergeMethod("linear"), tmp_path / "x", progress=False)
     assert cli(["quantize", str(three[2]), "--scheme", "cpu", "--out", str(tmp_path / "int4")]) == 0

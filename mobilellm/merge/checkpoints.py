@@ -22,7 +22,7 @@ from ..artifacts import resolve_checkpoint
 from ..config import ModelConfig
 from ..hf import ShardWriter, TensorReader, read_config, weight_files
 from ..quant.config import QUANT_CONFIG_FILE
-from ..tokenizer import TOKENIZER_FILE, tokenizer_files
+from ..tokenizer import TOKENIZER_FILE, Tokenizer, tokenizer_files
 from .methods import MergeError, MergeMethod
 
 MERGE_FILE = "merge.json"
@@ -53,7 +53,7 @@ def check_inputs(folders: Sequence[Path]) -> ModelConfig:
     for folder, config in zip(folders[1:], configs[1:]):
         if diff := _config_difference(first, config):
             raise MergeError(f"{folder} has another model config than {folders[0]}: {'; '.join(diff[:4])}")
-    tokenizers = {f: (f / TOKENIZER_FILE).read_bytes() for f in folders if (f / TOKENIZER_FILE).exists()}
+    tokenizers = {f: Tokenizer.load(f).backend.to_str() for f in folders if (f / TOKENIZER_FILE).exists()}
     if len(set(tokenizers.values())) > 1:
         a, b = list(tokenizers)[:2]
         raise MergeError(f"{a} and {b} have different tokenizers: merged weights would mix two vocabularies")
