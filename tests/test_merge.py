@@ -175,3 +175,33 @@ def test_the_search_finds_the_known_optimum(strategy):
     weights, score = result.best
     assert score < 1e-3 and torch.allclose(torch.tensor(weights), best, atol=0.03)
     assert all(abs(sum(w) - 1) < 1e-9 and min(w) >= 0 for w, _ in result.trials)  # every trial a valid merge
+
+
+# ---- specialists and the searched merge, end to end on a tiny model -----------------------------------------
+
+def test_specialize_then_merge_search_end_to_end(tmp_path, capsys):
+    from mobilellm.data import Source, tokenize_to_shards
+    from tests.data_helpers import write_jsonl
+
+    tokenizer = tiny_tokenizer(tmp_path / "base")
+    save_pretrained(build_model(TINY.replace(vocab_size=tokenizer.vocab_size), seed=0), tmp_path / "base")
+    docs = {"prose": [Source(write_jsonl(tmp_path / "p.jsonl", make_texts(80, seed=1, min_words=20)))],
+            "lists": [Source(write_jsonl(tmp_path / "l.jsonl", make_texts(80, seed=2, max_words=15)))]}
+    tokenize_to_shards(docs, tokenizer, tmp_path / "shards", val_fraction=0.3, progress=False)
+    common = ["--data", str(tmp_path / "shards"), "--seq-len", "16", "--batch-size", "2"]
+    assert cli(["specialize", str(tmp_path / "base"), *common, "--domains", "prose", "lists", "--steps", "3",
+                "--lr", "1e-3", "--out", str(tmp_path / "spec")]) == 0
+    index = json.loads((tmp_path / "spec" / "specialists.json").read_text())
+    assert index["parent"] == str(tmp_path / "base") and set(index["specialists"]) == {"prose", "lists"}
+    recipe = json.loads((tmp_path / "spec" / "prose" / "recipe.json").read_text())
+    assert recipe["init"] == str(tmp_path / "base") and recipe["domain_weights"] == {"prose": 1.0}  # lineage
+    out = tmp_path / "merged"
+    assert cli(["merge-search", *index["specialists"].values(), *common, "--step", "0.25", "--val-batches", "2",
+                "--out", str(out)]) == 0
+    search = json.loads((tmp_path / "merged.search.json").read_text())
+    assert len(search["trials"]) == 5 and search["best_weights"] == json.loads((out / MERGE_FILE).read_text())[
+        "search"]["best"]["weights"]
+    assert (tmp_path / "merged.search.png").read_bytes()[:4] == b"\x89PNG"
+    assert set(search["best"]["report_losses"]) == {"prose", "lists", "mean"}
+    assert cli(["specialize", str(tmp_path / "shards"), *common, "--domains", "prose", "--out",
+                str(tmp_path / "spec")]) == 2  # another parent into the same folder
