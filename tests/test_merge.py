@@ -2,6 +2,7 @@
 the weight search, mergekit configs, and a merged checkpoint that generates."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,3 +206,34 @@ def test_specialize_then_merge_search_end_to_end(tmp_path, capsys):
     assert set(search["best"]["report_losses"]) == {"prose", "lists", "mean"}
     assert cli(["specialize", str(tmp_path / "shards"), *common, "--domains", "prose", "--out",
                 str(tmp_path / "spec")]) == 2  # another parent into the same folder
+
+
+# ---- against mergekit, where it installs (pip install mergekit; LGPL: a reference, never a dependency) -------
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
+def test_our_merge_equals_mergekits(tmp_path, method):
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("mergekit")
+    config = TINY.replace(tie_embeddings=False)
+    folders = []
+    for seed in range(3):
+        folder = tmp_path / f"m{seed}"
+        save_pretrained(build_model(config, seed=seed), folder)
+        folders.append(folder)
+    base = f"base_model: {folders[0]}\n" if method != "linear" else ""
+    density = ", density: 0.5" if method == "ties" else ""
+    yml = tmp_path / "merge.yml"
+    yml.write_text(f"merge_method: {method}\n{base}dtype: float32\nmodels:\n" + "".join(
+        f"  - model: {f}\n    parameters: {{weight: {w}{density}}}\n" for f, w in zip(folders[1:], (0.7, 0.3))))
+    cli_path = shutil.which("mergekit-yaml", path=str(Path(sys.executable).parent)) or shutil.which("mergekit-yaml")
+    done = subprocess.run([cli_path, str(yml), str(tmp_path / "theirs")], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert cli(["merge", "--config", str(yml), "--out", str(tmp_path / "ours")]) == 0
+    ours, theirs = TensorReader(tmp_path / "ours", "llama"), TensorReader(tmp_path / "theirs", "llama")
+    assert set(ours.keys()) == set(theirs.keys())
+    for name in ours.keys():
+        torch.testing.assert_close(ours.get(name), theirs.get(name), rtol=0, atol=1e-6, msg=name)
