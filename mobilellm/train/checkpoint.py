@@ -28,7 +28,6 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +36,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from ..config import ModelConfig
-from ..hf import CheckpointError, save_pretrained
+from ..hf import CheckpointError, ShardWriter
 from .safe_state import read_state, write_state
 
 CHECKPOINTS = "checkpoints"
@@ -46,17 +44,6 @@ RESUME = "resume"
 OLD_FORMAT = ("train_state.pt", "dcp")  # pickle-based, before mobilellm stored resumes as JSON + safetensors
 TRAIN_KEYS = ("step", "bad_steps", "data", "rng", "world_size")
 STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-@dataclass
-class _Weights:
-    """What `save_pretrained` reads from a model: its config and a (full, unsharded) state dict."""
-
-    config: ModelConfig
-    tensors: dict[str, torch.Tensor]
-
-    def state_dict(self):
-        return self.tensors
 
 
 def rng_state() -> dict:
@@ -114,7 +101,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
     rngs = parallel.gather_object(rng_state())
     if parallel.is_main:
         shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while saving
-        save_pretrained(_Weights(model.config, model_sd), partial, extra_files=extra_files)
+        with ShardWriter(partial, model.config, extra_files=extra_files) as weights:  # the exported model
+            for name, tensor in model_sd.items():
+                weights.add(name, tensor)
         resume = partial / RESUME
         resume.mkdir()
         aliases = tied_names(model)
