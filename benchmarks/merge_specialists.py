@@ -29,13 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mobilellm.artifacts import cache_root, fetch_smollm2  # noqa: E402
-from mobilellm.data import TokenDataset, tokenize_to_shards  # noqa: E402
-from mobilellm.data.starter import build_starter_corpus, corpus_sources, default_corpus_dir  # noqa: E402
+from mobilellm.data.starter import starter_shards  # noqa: E402
 from mobilellm.hf import load_pretrained, model_from_tensors  # noqa: E402
 from mobilellm.merge import MergeMethod, load_states, merge_states, search_weights  # noqa: E402
 from mobilellm.merge.plot import plot_search  # noqa: E402
 from mobilellm.merge.target import DomainTarget  # noqa: E402
-from mobilellm.tokenizer import Tokenizer  # noqa: E402
 from mobilellm.train.recipe import run_recipe  # noqa: E402
 from recipes.specialists import continued, specialist  # noqa: E402
 
@@ -44,16 +42,6 @@ from machine import machine_info, write_json  # noqa: E402
 
 DOMAINS = ["prose", "code", "math"]
 RESULTS = Path(__file__).parent / "results"
-
-
-def shards(model_dir: Path) -> Path:
-    out = cache_root() / "shards" / "merge-starter-smollm2-135m"
-    if not (out / "manifest.json").exists():
-        corpus = default_corpus_dir()
-        if not (corpus / "corpus.json").exists():
-            build_starter_corpus(corpus)
-        tokenize_to_shards(corpus_sources(corpus), Tokenizer.load(model_dir), out, val_fraction=0.1)
-    return out
 
 
 def main() -> None:
@@ -69,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     base = fetch_smollm2()
-    data = shards(base)
+    data = starter_shards(base, cache_root() / "shards" / "merge-starter-smollm2-135m", val_fraction=0.1)
     work = args.work or Path(tempfile.mkdtemp(prefix="merge-specialists-"))
     common = dict(lr=args.lr, batch_rows=args.batch, seq_len=args.seq_len, seed=args.seed)
     timings, folders = {}, {}

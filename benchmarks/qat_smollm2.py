@@ -29,12 +29,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mobilellm.artifacts import cache_root, fetch_smollm2  # noqa: E402
-from mobilellm.data import MixtureLoader, TokenDataset, tokenize_to_shards, validation_batches  # noqa: E402
-from mobilellm.data.starter import build_starter_corpus, corpus_sources, default_corpus_dir  # noqa: E402
+from mobilellm.data import MixtureLoader, TokenDataset, validation_batches  # noqa: E402
+from mobilellm.data.starter import starter_shards  # noqa: E402
 from mobilellm.hf import load_pretrained  # noqa: E402
 from mobilellm.quant import QuantConfig, quantize_  # noqa: E402
 from mobilellm.quant.qat import qat  # noqa: E402
-from mobilellm.tokenizer import Tokenizer  # noqa: E402
 from mobilellm.train.loop import TrainConfig  # noqa: E402
 from mobilellm.train.optim import OptimConfig, Schedule  # noqa: E402
 
@@ -46,13 +45,7 @@ MIX = {"code": 0.45, "prose": 0.45, "math": 0.10}
 
 def dataset(model_dir: Path) -> TokenDataset:
     """The starter corpus tokenized for SmolLM2 (built once, cached; 1% of documents held out)."""
-    out = cache_root() / "shards" / "quant-starter-smollm2-135m"
-    if not (out / "manifest.json").exists():
-        corpus = default_corpus_dir()
-        if not (corpus / "corpus.json").exists():
-            build_starter_corpus(corpus)
-        tokenize_to_shards(corpus_sources(corpus), Tokenizer.load(model_dir), out, val_fraction=0.01)
-    return TokenDataset(out)
+    return TokenDataset(starter_shards(model_dir, cache_root() / "shards" / "quant-starter-smollm2-135m"))
 
 
 def held_out_batches(data: TokenDataset, eval_batches: int) -> list[dict]:

@@ -23,14 +23,9 @@ def shards_dir():
 
 def build_shards() -> None:
     """Build the starter corpus and tokenize it with SmolLM2's tokenizer, unless already cached."""
-    from mobilellm.data.shards import tokenize_to_shards
-    from mobilellm.data.starter import build_starter_corpus, corpus_sources, default_corpus_dir
-    from mobilellm.tokenizer import Tokenizer
+    from mobilellm.data.starter import starter_shards
 
-    if (shards_dir() / "manifest.json").exists():
-        return
-    build_starter_corpus(default_corpus_dir())
-    tokenize_to_shards(corpus_sources(default_corpus_dir()), Tokenizer.load(fetch_smollm2()), shards_dir())
+    starter_shards(fetch_smollm2(), shards_dir())
 
 
 def starter() -> Recipe:

@@ -16,7 +16,7 @@ from mobilellm.merge.methods import keep_largest, ties
 from mobilellm.model import build_model
 from mobilellm.tokenizer import Tokenizer
 from tests.data_helpers import make_texts, tiny_tokenizer
-from tests.train_common import TINY, one_thread  # noqa: F401 (autouse fixture)
+from tests.train_common import TINY, one_thread  # noqa: F401  (autouse fixture)
 
 
 # ---- the math, by hand -----------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from mobilellm.infer.sampling import SamplingConfig
 from mobilellm.model import build_model
 from mobilellm.quant import QuantConfig
 from mobilellm.quant.checkpoint import load_quantized
-from mobilellm.quant.qat import QATPrepare, load_prepared, qat
+from mobilellm.quant.api import convert
+from mobilellm.quant.qat import load_prepared, qat
 from mobilellm.tokenizer import Tokenizer
 from mobilellm.train.hooks import StepHook
 from mobilellm.train.loop import TrainConfig, train
@@ -26,7 +27,6 @@ from mobilellm.train.losses import CrossEntropy
 from mobilellm.train.objectives import CE, KD, SelfDistillation
 from mobilellm.train.optim import OptimConfig, Schedule
 from mobilellm.train.recipe import Recipe, run_recipe
-from mobilellm.train.synthetic import SyntheticBatches
 from recipes.qat import qat as qat_recipe
 from tests.data_helpers import make_texts, tiny_tokenizer, write_jsonl
 from tests.train_common import TINY, one_thread, single_thread, tiny_setup  # noqa: F401 (autouse fixture)
@@ -150,6 +150,26 @@ def test_qat_command_resumes_and_writes_an_int4_checkpoint(tmp_path, tiny_checkp
     assert cli(args + run2 + ["--steps", "4", "--resume"]) == 0
     assert logged_losses(tmp_path / "b.run") == reference
     assert "QAT cpu: loss" in capsys.readouterr().out
+
+
+def test_qat_command_under_torchrun_converts_the_sharded_run(tmp_path, tiny_checkpoint):
+    """2 FSDP processes: the losses of 1 process, and rank 0 converts the final checkpoint's full weights."""
+    ckpt, shards = tiny_checkpoint
+    flags = ["--scheme", "cpu", "--data", str(shards), "--batch-size", "2", "--seq-len", "16", "--steps", "3"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "mobilellm.cli", "qat", str(ckpt), *flags, "--parallel", "fsdp", "--out",
+                           str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert cli(["qat", str(ckpt), *flags, "--out", str(tmp_path / "one")]) == 0
+    two, one = logged_losses(tmp_path / "two.run"), logged_losses(tmp_path / "one.run")
+    assert [loss for _, loss in two] == pytest.approx([loss for _, loss in one], rel=1e-5)
+    config = QuantConfig.from_scheme("cpu")
+    final = tmp_path / "two.run" / "checkpoints" / "step_0000003"
+    expected = convert(load_prepared(final, config).eval(), config).state_dict()
+    saved, _ = load_quantized(tmp_path / "two")
+    for name, tensor in saved.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
 
 
 def test_qat_help_lists_its_flags(capsys):

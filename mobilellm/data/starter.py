@@ -186,3 +186,17 @@ def train_tokenizer(sources: dict[str, list[Source]], vocab_size: int, out: str 
     with atomic_folder(Path(out)) as tmp:
         tokenizer.save(tmp)
     return Path(out)
+
+
+def starter_shards(tokenizer_dir: str | Path, out: str | Path, *, val_fraction: float = 0.01) -> Path:
+    """The starter corpus tokenized with the tokenizer in `tokenizer_dir` into `out`, built and tokenized
+    once (a finished shard folder is reused as it is)."""
+    from .shards import tokenize_to_shards
+
+    out = Path(out)
+    if not (out / "manifest.json").exists():
+        corpus = default_corpus_dir()
+        if not (corpus / "corpus.json").exists():
+            build_starter_corpus(corpus)
+        tokenize_to_shards(corpus_sources(corpus), Tokenizer.load(tokenizer_dir), out, val_fraction=val_fraction)
+    return out
