@@ -30,10 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mobilellm.artifacts import cache_root, fetch_smollm2  # noqa: E402
 from mobilellm.data.starter import starter_shards  # noqa: E402
+from mobilellm.eval.lm import EvalLM  # noqa: E402
+from mobilellm.eval.report import run_tasks  # noqa: E402
 from mobilellm.hf import load_pretrained, model_from_tensors  # noqa: E402
 from mobilellm.merge import MergeMethod, load_states, merge_states, search_weights  # noqa: E402
 from mobilellm.merge.plot import plot_search  # noqa: E402
 from mobilellm.merge.target import DomainTarget  # noqa: E402
+from mobilellm.tokenizer import Tokenizer  # noqa: E402
 from mobilellm.train.recipe import run_recipe  # noqa: E402
 from recipes.specialists import continued, specialist  # noqa: E402
 
@@ -53,7 +56,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--grid-step", type=float, default=0.1)
     parser.add_argument("--eval-batches", type=int, default=4, help="held-out batches per domain and half")
-    parser.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temp dir)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="folder for the runs (default: a temp dir); finished runs in it are reused")
+    parser.add_argument("--bigbench", default="bigbench_elementary_math_qa,bigbench_winowhy",
+                        help="multiple-choice tasks scored for every arm ('' for none)")
+    parser.add_argument("--bigbench-limit", type=int, default=100)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     base = fetch_smollm2()
@@ -64,11 +71,11 @@ def main() -> None:
     for domain in DOMAINS:
         start = time.perf_counter()
         recipe = specialist(str(base), str(data), domain, steps=args.steps, **common).replace_train(print_every=10)
-        folders[domain] = run_recipe(recipe, work / domain).checkpoint
+        folders[domain] = run_recipe(recipe, work / domain, resume=True).checkpoint
         timings[domain] = time.perf_counter() - start
     start = time.perf_counter()
     recipe = continued(str(base), str(data), DOMAINS, steps=3 * args.steps, **common).replace_train(print_every=10)
-    folders["continued"] = run_recipe(recipe, work / "continued").checkpoint
+    folders["continued"] = run_recipe(recipe, work / "continued", resume=True).checkpoint
     timings["continued"] = time.perf_counter() - start
 
     targets = {part: DomainTarget.from_shards(str(data), DOMAINS, part, seq_len=args.seq_len, batch_size=args.batch,
@@ -85,11 +92,20 @@ def main() -> None:
     timings["search"] = time.perf_counter() - start
     best, _ = search.best
     uniform = [1 / 3] * 3
-    report = {"base": targets["report"].losses(load_pretrained(base))}
-    for name in DOMAINS + ["continued"]:
-        report[f"specialist-{name}" if name in DOMAINS else name] = targets["report"].losses(load_pretrained(folders[name]))
-    report["uniform merge"] = targets["report"].losses(merged(uniform))
-    report["searched merge"] = targets["report"].losses(merged(best))
+    arms = {"base": lambda: load_pretrained(base),
+            **{f"specialist-{d}": (lambda d=d: load_pretrained(folders[d])) for d in DOMAINS},
+            "continued": lambda: load_pretrained(folders["continued"]),
+            "uniform merge": lambda: merged(uniform), "searched merge": lambda: merged(best)}
+    tokenizer = Tokenizer.load(base)
+    tasks = [t for t in args.bigbench.split(",") if t]
+    report, multiple_choice = {}, {}
+    for name, build in arms.items():
+        model = build()
+        report[name] = targets["report"].losses(model)
+        if tasks:
+            scores = run_tasks(EvalLM(model, tokenizer, progress=False), tasks, limit=args.bigbench_limit,
+                               log=lambda line: None)["tasks"]
+            multiple_choice[name] = {t: scores[t]["metrics"]["acc"] for t in tasks}
     specialists = [report[f"specialist-{d}"]["mean"] for d in DOMAINS]
     summary = {
         "searched beats every specialist (mean)": report["searched merge"]["mean"] < min(specialists),
@@ -97,7 +113,8 @@ def main() -> None:
         "searched vs continued (mean, lower is better)": [report["searched merge"]["mean"], report["continued"]["mean"]],
     }
     for name, losses in report.items():
-        print(f"{name:>22}: " + "  ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+        print(f"{name:>22}: " + "  ".join(f"{k} {v:.4f}" for k, v in losses.items()) +
+              "".join(f"  {t.removeprefix('bigbench_')} {a:.2f}" for t, a in multiple_choice.get(name, {}).items()))
     print(json.dumps(summary, indent=1))
     RESULTS.mkdir(exist_ok=True)
     stem = f"merge_specialists_seed{args.seed}"
@@ -113,6 +130,8 @@ def main() -> None:
                      "batches_per_domain": args.eval_batches, "seq_len": args.seq_len},
         "searched_weights": dict(zip(DOMAINS, best)),
         "report_losses": report,
+        "multiple_choice_acc": multiple_choice,
+        "multiple_choice_limit": args.bigbench_limit,
         "summary": summary,
         "search_trials": search.to_dict()["trials"],
         "seconds": timings,

@@ -38,21 +38,35 @@ def specialize(checkpoint: str, *, data: Path, domains: list[str], out: Path, st
     from ..train.recipe import run_recipe
 
     parent = str(resolve_checkpoint(checkpoint))
-    index_path = Path(out) / "specialists.json"
-    index = {"parent": parent, "specialists": {}}
-    if index_path.exists():
-        import json
-        index = json.loads(index_path.read_text())
-        if index.get("parent") != parent:
-            raise ValueError(f"{out} holds specialists of {index.get('parent')}, not of {parent}: use another --out")
+    out = Path(out)
     for domain in domains:
+        known = specialists_of(out)
+        if known and known["parent"] != parent:
+            raise ValueError(f"{out} holds specialists of {known['parent']}, not of {parent}: use another --out")
         recipe = specialist(parent, str(data), domain, steps=steps, lr=lr, batch_rows=batch_size, seq_len=seq_len,
                             teacher=str(teacher) if teacher else None, seed=seed)
-        result = run_recipe(recipe, Path(out) / domain, resume=resume, strategy=parallel)
-        index["specialists"][domain] = str(result.checkpoint)
-        Path(out).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(index_path, index)
+        result = run_recipe(recipe, out / domain, resume=resume, strategy=parallel)
+        write_json_atomic(out / "specialists.json", specialists_of(out))
         print(f"specialist {domain}: {result.checkpoint}")
+
+
+def specialists_of(out: Path) -> dict | None:
+    """{parent, specialists: {domain: final checkpoint}} read from the runs in `out` (each run's recipe.json
+    names its parent), so processes training specialists into the same folder at once never lose one."""
+    import json
+
+    from ..train.checkpoint import latest_checkpoint
+
+    found, parents = {}, set()
+    for recipe_file in sorted(out.glob("*/recipe.json")):
+        recipe = json.loads(recipe_file.read_text())
+        if not recipe.get("name", "").startswith("specialist-") or latest_checkpoint(recipe_file.parent) is None:
+            continue
+        parents.add(recipe["init"])
+        found[recipe_file.parent.name] = str(latest_checkpoint(recipe_file.parent))
+    if len(parents) > 1:
+        raise ValueError(f"{out} holds specialists of several parents: {sorted(parents)}")
+    return {"parent": parents.pop(), "specialists": found} if found else None
 
 
 def merge(models: list[str] | None = None, *, out: Path, weights: list[float] | None = None,
