@@ -77,7 +77,7 @@ def main() -> None:
               "parameters": sum(p.numel() for p in _meta_params(config)),
               "largest_tensor_mb": largest * 2 / 2**20,
               "model_mb": sum(f.stat().st_size for f in inputs[0].glob("*.safetensors")) / 2**20}
-    script = OURS + PEAK
+    script = OURS + PEAK.removeprefix("; ")
     peak, seconds = peak_of([sys.executable, "-c", script, str(args.work / "ours"), *map(str, inputs)], root)
     result["ours"] = {"peak_rss_mb": peak, "seconds": seconds}
     if args.mergekit_python:

@@ -241,10 +241,11 @@ class TensorReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """The tensor `name`, or only its `rows` (a slice of the first dimension, read alone from the file)."""
         path, key = self._where[name]
         with _safetensors(path) as f:
-            tensor = f.get_tensor(key)
+            tensor = f.get_tensor(key) if rows is None else f.get_slice(key)[rows]
         return tensor.to(self.dtype) if self.dtype is not None and tensor.is_floating_point() else tensor
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:

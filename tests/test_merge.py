@@ -233,7 +233,18 @@ def test_our_merge_equals_mergekits(tmp_path, method):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert cli(["merge", "--config", str(yml), "--out", str(tmp_path / "ours")]) == 0
-    ours, theirs = TensorReader(tmp_path / "ours", "llama"), TensorReader(tmp_path / "theirs", "llama")
+    ours, theirs = TensorReader(tmp_path / "ours", config.family), TensorReader(tmp_path / "theirs", config.family)
     assert set(ours.keys()) == set(theirs.keys())
     for name in ours.keys():
         torch.testing.assert_close(ours.get(name), theirs.get(name), rtol=0, atol=1e-6, msg=name)
+
+
+def test_large_tensors_merge_in_row_blocks_to_the_same_result(three):
+    from mobilellm.merge.checkpoints import merge_tensor
+
+    readers = [TensorReader(f, TINY.family) for f in three]
+    for method in (MergeMethod("linear"), MergeMethod("task_arithmetic"), MergeMethod("ties", density=0.3)):
+        for name in ("embed_tokens.weight", "layers.0.mlp.up_proj.weight", "norm.weight"):
+            whole = merge_tensor(name, readers[1:], readers[0], [0.6, 0.4], method, chunk_elements=1 << 30)
+            blocks = merge_tensor(name, readers[1:], readers[0], [0.6, 0.4], method, chunk_elements=100)
+            assert torch.equal(whole, blocks), (method.name, name)

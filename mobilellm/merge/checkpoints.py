@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +27,7 @@ from ..tokenizer import TOKENIZER_FILE, Tokenizer, tokenizer_files
 from .methods import MergeError, MergeMethod
 
 MERGE_FILE = "merge.json"
+CHUNK_ELEMENTS = 1 << 24  # 16M elements: 64 MB of fp32 per input at a time
 
 
 def _sha256(path: Path) -> str:
@@ -106,10 +108,26 @@ def merge_checkpoints(models: Sequence[str | Path], weights: Sequence[float], me
     names = merged_names(readers[0], config)
     with ShardWriter(out, config, max_shard_bytes=max_shard_bytes, extra_files=extra) as writer:
         for name in tqdm(names, desc=f"{method.name} merge", unit="tensor", disable=not progress):
-            tensors = [r.get(name) for r in readers]
-            writer.add(name, method(tensors, weights, base_reader.get(name) if base_reader else None))
-            del tensors
+            writer.add(name, merge_tensor(name, readers, base_reader, weights, method))
     return Path(out)
+
+
+def merge_tensor(name: str, readers: Sequence[TensorReader], base: TensorReader | None, weights: Sequence[float],
+                 method: MergeMethod, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """One merged tensor. Elementwise methods read and merge a large tensor (the embedding) in row blocks, so
+    memory holds the output and one block per input instead of every input whole and their fp32 copies;
+    TIES trims by magnitude over the whole tensor, so it reads whole tensors."""
+    shape = readers[0].shape(name)
+    row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    if not method.elementwise or math.prod(shape) <= chunk_elements or not shape:
+        return method([r.get(name) for r in readers], weights, base.get(name) if base else None)
+    step, out = max(1, chunk_elements // row), None
+    for start in range(0, shape[0], step):
+        rows = slice(start, min(start + step, shape[0]))
+        block = method([r.get(name, rows) for r in readers], weights, base.get(name, rows) if base else None)
+        out = torch.empty(shape, dtype=block.dtype) if out is None else out
+        out[rows] = block
+    return out
 
 
 def load_states(folders: Sequence[Path]) -> tuple[ModelConfig, list[dict[str, torch.Tensor]]]:

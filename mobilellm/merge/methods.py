@@ -36,6 +36,11 @@ class MergeMethod:
             raise MergeError(f"density must be in (0, 1], got {self.density}")
 
     @property
+    def elementwise(self) -> bool:
+        """Each output element depends only on the same element of the inputs (TIES trims per tensor)."""
+        return self.name != "ties" or self.density >= 1
+
+    @property
     def needs_base(self) -> bool:
         return self.name != "linear"
 
