@@ -23,6 +23,9 @@ class StageContext:
     model: nn.Module  # the starting weights, before the recipe's transforms
     tokenizer: Path | None  # the run's tokenizer folder
     device: torch.device
+    batches: object | None = None  # the run's training batch source (e.g. to precompute per-example values)
+    run_dir: Path | None = None  # where the run keeps its files (checkpoints, caches)
+    parallel: object | None = None  # the run's processes (mobilellm.train.distributed)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -31,6 +34,8 @@ class StageContext:
 
 
 class Objective:
+    batch_kind = "sequences"  # what its loss reads: next-token targets; "pairs" for preference losses
+
     def check(self, recipe_name: str) -> None:
         """Problems visible before any data or weights are read (raise ValueError naming the fix)."""
 
