@@ -62,12 +62,17 @@ def empty_row(capacity: int) -> dict[str, np.ndarray]:
     return window_example([np.full(capacity, PAD, dtype=np.int64)])
 
 
-def rendered_file(path: str, tokenizer: Tokenizer | None, vocab_size: int) -> list[Rendered]:
+def chat_tokenizer(path: str, tokenizer: Tokenizer | None, vocab_size: int) -> Tokenizer:
+    """The run's tokenizer, which chat data needs (its chat template), checked against the model."""
     if tokenizer is None:
         raise ChatDataError(f"chat data {path} needs the run's tokenizer and its chat template: the checkpoint has no "
                             "tokenizer.json; name a tokenizer folder in the recipe")
     tokenizer.check_fits(vocab_size)
-    return render(tokenizer, read_conversations(path))
+    return tokenizer
+
+
+def rendered_file(path: str, tokenizer: Tokenizer | None, vocab_size: int) -> list[Rendered]:
+    return render(chat_tokenizer(path, tokenizer, vocab_size), read_conversations(path))
 
 
 def check_overflow(overflow: str) -> None:
