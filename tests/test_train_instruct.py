@@ -5,7 +5,6 @@ and preference data built from BIG-bench tasks."""
 import json
 import math
 import os
-import signal  # noqa: F401 (used by the child script)
 import subprocess
 import sys
 from pathlib import Path
@@ -108,22 +107,33 @@ def test_dpo_command_logs_rewards_and_cached_references_train_like_a_frozen_one(
 
 # ---- kill and resume ----------------------------------------------------------------------------------------
 
-KILLED_CHILD = """
+CHILD = """
 import os, signal, sys, torch
 torch.set_num_threads(1)
+from mobilellm.train.distributed import init_parallel
 from mobilellm.train.hooks import StepHook
 from mobilellm.train.recipe import run_recipe
 from tests.test_train_instruct import stage
 
-kind, root, run_dir = sys.argv[1], sys.argv[2], sys.argv[3]
+kind, root, run_dir, kill_at, strategy = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 
 class Kill(StepHook):
     def begin(self, state):
-        if state.step == 2:
+        if state.step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
-run_recipe(stage(kind, root), run_dir, hooks=(Kill(),))
+run_recipe(stage(kind, root), run_dir, hooks=(Kill(),), parallel=init_parallel(None if strategy == "none" else strategy))
 """
+
+
+def run_child(tmp_path, kind, root, run_dir, kill_at=-1, strategy="none", processes=1):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+              if processes > 1 else [sys.executable])
+    return subprocess.run([*launch, str(script), kind, str(root), str(run_dir), str(kill_at), strategy], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
 
 
 def stage(kind: str, root) -> object:
@@ -140,11 +150,7 @@ def stage(kind: str, root) -> object:
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
 def test_a_run_killed_mid_way_resumes_bit_identically(files, tmp_path, kind):
     whole = run_recipe(stage(kind, files), tmp_path / "whole")
-    script = tmp_path / "child.py"
-    script.write_text(KILLED_CHILD)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, str(script), kind, str(files), str(tmp_path / "run")], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+    killed = run_child(tmp_path, kind, files, tmp_path / "run", kill_at=2)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert losses(tmp_path / "run") == losses(tmp_path / "whole")[:2]
     resumed = run_recipe(stage(kind, files), tmp_path / "run", resume=True)
@@ -156,6 +162,17 @@ def test_a_run_killed_mid_way_resumes_bit_identically(files, tmp_path, kind):
 
 def metrics_without_time(run_dir):
     return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s")} for r in metrics(run_dir)]
+
+
+def test_dpo_on_two_processes_matches_one(files, tmp_path):
+    """Two FSDP processes split every global batch of packed pairs; the reference cache is computed once, by rank 0."""
+    one = run_recipe(stage("dpo", files), tmp_path / "one")
+    done = run_child(tmp_path, "dpo", files, tmp_path / "two", strategy="fsdp", processes=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = [r for r in metrics(tmp_path / "two") if "loss" in r]
+    assert [r["loss"] for r in two] == pytest.approx(one.losses, rel=1e-5)  # another summation order
+    ours = [r for r in metrics(tmp_path / "one") if "loss" in r]
+    assert [r["reward_margin"] for r in two] == pytest.approx([r["reward_margin"] for r in ours], rel=1e-4, abs=1e-6)
 
 
 # ---- refusals -----------------------------------------------------------------------------------------------

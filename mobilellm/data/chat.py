@@ -54,7 +54,7 @@ class PreferencePair:
 
 @dataclass(frozen=True)
 class Rendered:
-    tokens: np.ndarray  # (n,) int64, the whole conversation as the template renders it
+    tokens: np.ndarray  # (n,) int32, the whole conversation as the template renders it
     learned: np.ndarray  # (n,) bool, True for the tokens the model learns to produce
 
 
@@ -182,5 +182,5 @@ def render(tokenizer: Tokenizer, conversations: list[Conversation]) -> list[Rend
         learned = np.zeros(len(ids), dtype=bool)
         for start, end in spans:
             learned |= (starts >= start) & (starts < end)
-        rendered.append(Rendered(np.asarray(ids, dtype=np.int64), learned))
+        rendered.append(Rendered(np.asarray(ids, dtype=np.int32), learned))  # int32: half the memory of a corpus
     return rendered
