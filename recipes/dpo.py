@@ -2,7 +2,9 @@
 prompt/chosen/rejected pairs against a frozen reference, pairs packed with document masks.
 
 Defaults after the DPO paper and TRL: beta 0.1, LR 5e-7 for large models; small models take more (5e-6 here),
-linear decay after 10% warmup, no weight decay. The reference is the starting checkpoint unless named; with
+linear decay after 10% warmup, no weight decay. Rows of 1,024 tokens, as a pair takes both its sequences (on the
+BIG-bench pairs of `mobilellm sft-data` with SmolLM2's template, 512 cut 12% of the pairs and left 10% without a
+completion token; 1,024 cuts 0.6%). The reference is the starting checkpoint unless named; with
 `precompute_reference` its log-probs are computed once and cached in the run folder, freeing its memory.
 """
 
@@ -17,7 +19,7 @@ from mobilellm.train.recipe import Recipe
 
 def dpo(checkpoint: str, data: str, *, loss: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
         reference: str | None = None, precompute_reference: bool = False, steps: int = 100, batch_rows: int = 8,
-        seq_len: int = 512, lr: float = 5e-6, packing: bool = True, overflow: str = "truncate", seed: int = 0,
+        seq_len: int = 1024, lr: float = 5e-6, packing: bool = True, overflow: str = "truncate", seed: int = 0,
         save_every: int = 0) -> Recipe:
     """DPO (or IPO, hinge) of `checkpoint` on the preference pairs of `data`; `batch_rows` rows of packed pairs."""
     return Recipe(

@@ -64,7 +64,7 @@ def sft(checkpoint: str, *, data: Path, out: Path, val: Path | None = None, step
 
 def dpo(checkpoint: str, *, data: Path, out: Path, loss: str = "sigmoid", beta: float = 0.1,
         label_smoothing: float = 0.0, reference: Path | None = None, precompute_reference: bool = False,
-        steps: int = 100, batch_size: int = 8, seq_len: int = 512, lr: float = 5e-6, packing: bool = True,
+        steps: int = 100, batch_size: int = 8, seq_len: int = 1024, lr: float = 5e-6, packing: bool = True,
         overflow: str = "truncate", seed: int = 0, save_every: int = 0, resume: bool = False,
         parallel: str | None = None, micro_batch: int | None = None) -> None:
     """Preference optimisation (DPO, IPO or hinge) on prompt/chosen/rejected pairs against a frozen reference.
