@@ -24,7 +24,7 @@ from mobilellm.train.recipe import run_recipe
 from recipes.dpo import dpo
 from recipes.sft import sft
 from tests.data_helpers import WORDS, tiny_tokenizer
-from tests.train_common import TINY, one_thread, single_thread  # noqa: F401 (autouse fixture)
+from tests.train_common import TINY, one_thread  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
