@@ -105,6 +105,33 @@ class DomainSampler:
         self.draws, self.drawn = state["draws"], {n: state["drawn"].get(n, 0) for n in self.names}
 
 
+def check_layout(global_batch_size: int, grad_accum: int, rank: int, world_size: int, unit: str = "windows") -> None:
+    """A global batch must split evenly over the processes and each process's micro-batches."""
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    if global_batch_size < 1 or grad_accum < 1:
+        raise DataError(f"global_batch_size ({global_batch_size}) and grad_accum ({grad_accum}) must be at least 1")
+    if global_batch_size % (world_size * grad_accum):
+        raise DataError(f"a global batch of {global_batch_size} {unit} does not split evenly over {world_size} "
+                        f"process(es) x {grad_accum} micro-batch(es) (needs a multiple of {world_size * grad_accum})")
+
+
+def check_setting(saved: dict, setting: dict) -> None:
+    """A saved stream position continues only the stream it was saved from."""
+    if saved != setting:
+        changed = sorted(k for k in setting if saved.get(k) != setting[k])
+        raise DataError(f"loader state was saved with other settings ({', '.join(changed)}): "
+                        f"saved {[saved.get(k) for k in changed]}, now {[setting[k] for k in changed]}")
+
+
+def check_partial(partial: dict | None, layout: dict) -> None:
+    """A state saved in the middle of a global batch resumes only on the batch layout that saved it."""
+    if partial is not None and {k: partial[k] for k in layout} != layout:
+        raise DataError(f"loader state was saved in the middle of a global batch (micro-batch {partial['micro']} "
+                        f"of {partial['grad_accum']} on {partial['world_size']} process(es)): it resumes only with "
+                        "the same batch layout; another one needs a state saved between optimizer steps")
+
+
 class MixtureLoader:
     """Endless training micro-batches: dicts of int64 tensors `tokens`, `targets`, `positions`, `doc_ids` (B, T).
 
@@ -117,13 +144,7 @@ class MixtureLoader:
 
     def __init__(self, dataset: TokenDataset, weights: dict[str, float], *, seq_len: int, global_batch_size: int,
                  grad_accum: int = 1, seed: int = 0, rank: int = 0, world_size: int = 1, mask_documents: bool = True):
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        if global_batch_size < 1 or grad_accum < 1:
-            raise DataError(f"global_batch_size ({global_batch_size}) and grad_accum ({grad_accum}) must be at least 1")
-        if global_batch_size % (world_size * grad_accum):
-            raise DataError(f"a global batch of {global_batch_size} windows does not split evenly over {world_size} "
-                            f"process(es) x {grad_accum} micro-batch(es) (needs a multiple of {world_size * grad_accum})")
+        check_layout(global_batch_size, grad_accum, rank, world_size)
         self.sampler = DomainSampler(dataset, weights, seed=seed)
         self.packer = Packer(seq_len)
         self.global_batch_size, self.grad_accum = global_batch_size, grad_accum
@@ -186,16 +207,9 @@ class MixtureLoader:
         if missing:
             raise DataError(f"loader state lacks {', '.join(missing)}: it was saved by an older mobilellm, whose "
                             "per-process data streams cannot be continued; restart the data stream")
-        saved = state["setting"]
-        if saved != self.setting:
-            changed = sorted(k for k in self.setting if saved.get(k) != self.setting[k])
-            raise DataError(f"loader state was saved with other settings ({', '.join(changed)}): "
-                            f"saved {[saved.get(k) for k in changed]}, now {[self.setting[k] for k in changed]}")
+        check_setting(state["setting"], self.setting)
         partial = state["partial"]
-        if partial is not None and {k: partial[k] for k in self._layout()} != self._layout():
-            raise DataError(f"loader state was saved in the middle of a global batch (micro-batch {partial['micro']} "
-                            f"of {partial['grad_accum']} on {partial['world_size']} process(es)): it resumes only with "
-                            "the same batch layout; another one needs a state saved between optimizer steps")
+        check_partial(partial, self._layout())
         self.windows = state["windows"]
         self.sampler.load_state_dict(state["sampler"])
         self.packer.load_state_dict(state["packer"], self.sampler.fetch)

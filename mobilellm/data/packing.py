@@ -44,9 +44,11 @@ def window_example(segments: list[np.ndarray], mask_documents: bool = True) -> d
 
 
 def collate(examples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Stack rows into the batch the model and losses read: int64 tensors (B, T)."""
-    return {key: torch.from_numpy(np.stack([e[key] for e in examples]).astype(np.int64))
-            for key in examples[0]}
+    """Stack rows into the batch the model and losses read: int64 tensors (B, T) (float arrays, such as
+    cached reference log-probabilities, as float32)."""
+    stacked = {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+    return {key: torch.from_numpy(a.astype(np.float32 if a.dtype.kind == "f" else np.int64))
+            for key, a in stacked.items()}
 
 
 Draw = Callable[[], tuple[Hashable, np.ndarray] | None]  # -> (document key, its tokens), None when exhausted

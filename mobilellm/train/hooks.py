@@ -11,7 +11,7 @@ resume: a hook's behaviour should follow from `state.step`, so a resumed run see
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ class StepState:
     loss: float | None = None  # the step's mean loss, from after_backward on
     grad_norm: float | None = None  # before clipping, from after_backward on
     skipped: bool = False  # a non-finite step: the optimizer did not step
+    metrics: dict[str, float] = field(default_factory=dict)  # the loss's own figures (Loss.take_metrics), from after_backward on
 
 
 class StepHook:

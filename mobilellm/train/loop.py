@@ -110,8 +110,9 @@ def next_micro_batches(batches: Iterator[dict], config: TrainConfig, device: tor
 
 
 def accumulate_gradients(micro: list[dict], step_fn: Callable, loss: Loss, parallel: SingleProcess,
-                         autocast: Callable) -> float:
-    """Forward and backward over the step's micro-batches; returns the step's mean loss (all processes).
+                         autocast: Callable) -> tuple[float, torch.Tensor]:
+    """Forward and backward over the step's micro-batches; returns the step's mean loss and its count (tokens or
+    pairs), all processes together.
 
     Each micro-batch's summed loss is divided by the whole step's count (tokens, or pairs: `loss.count`), so
     the gradient is the mean over the step however it is split into micro-batches and processes (which
@@ -125,7 +126,13 @@ def accumulate_gradients(micro: list[dict], step_fn: Callable, loss: Loss, paral
                 part = step_fn(batch)
             (part * parallel.world_size / count).backward()
         loss_sum += part.detach().float()
-    return (parallel.all_reduce_sum(loss_sum) / count).item()
+    return (parallel.all_reduce_sum(loss_sum) / count).item(), count
+
+
+def loss_metrics(loss: Loss, count: torch.Tensor, parallel: SingleProcess) -> dict[str, float]:
+    """The loss's own figures of the step (`Loss.take_metrics`), as means over the step's count."""
+    return {name: (parallel.all_reduce_sum(value.detach().float()) / count).item()
+            for name, value in sorted(loss.take_metrics().items())}
 
 
 def train(model: nn.Module, batches: Iterator[dict], loss: Loss, config: TrainConfig, run_dir: str | Path, *,
@@ -174,7 +181,8 @@ def train(model: nn.Module, batches: Iterator[dict], loss: Loss, config: TrainCo
         for hook in hooks:
             hook.begin(state)
         micro = next_micro_batches(batches, config, parallel.device)
-        step_loss = accumulate_gradients(micro, step_fn, loss, parallel, autocast)
+        step_loss, count = accumulate_gradients(micro, step_fn, loss, parallel, autocast)
+        state.metrics = loss_metrics(loss, count, parallel)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm or math.inf)
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP
         skipped = not (math.isfinite(step_loss) and math.isfinite(grad_norm))
@@ -199,7 +207,8 @@ def train(model: nn.Module, batches: Iterator[dict], loss: Loss, config: TrainCo
         if parallel.device.type == "cuda":
             torch.cuda.synchronize()
         tokens = sum(b["tokens"].numel() for b in micro) * parallel.world_size
-        log.step(step, step_loss, lr, grad_norm, tokens, micro[0]["tokens"].shape[1], time.perf_counter() - t0, skipped)
+        log.step(step, step_loss, lr, grad_norm, tokens, micro[0]["tokens"].shape[1], time.perf_counter() - t0, skipped,
+                 state.metrics)
         done = step + 1
         if val_batches and config.eval_every and (done % config.eval_every == 0 or done == config.steps):
             log.validation(step, validation_loss(model, val_batches, parallel, autocast))

@@ -38,6 +38,11 @@ class Loss:
     def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return (batch["targets"] != IGNORE_INDEX).sum()
 
+    def take_metrics(self) -> dict[str, torch.Tensor]:
+        """Figures of its own (e.g. DPO's reward margin) summed over its items since the last call; the loop
+        logs each divided by the step's count. Every call must name the same figures on every process."""
+        return {}
+
 
 class _ChunkedLinearLoss(torch.autograd.Function):
     @staticmethod
@@ -125,15 +130,30 @@ def target_rows(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
 
 # ---- per-chunk losses on logits (n, V) ------------------------------------------------------------
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, need_grad: bool):
-    """Summed CE and its gradient softmax - onehot, written over the logits buffer (no autograd graph)."""
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, need_grad: bool, weights: torch.Tensor | None = None):
+    """Summed CE (each row's times `weights` (n,) when given) and its gradient weight * (softmax - onehot),
+    written over the logits buffer (no autograd graph)."""
     lse = logits.logsumexp(-1, keepdim=True)  # (n, 1)
-    loss = (lse.squeeze(1) - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+    ce = lse.squeeze(1) - logits.gather(1, targets[:, None]).squeeze(1)  # (n,)
+    loss = ce.sum() if weights is None else (ce * weights).sum()
     if not need_grad:
         return loss, None
     grad = logits.sub_(lse).exp_()  # softmax, in place
     grad[torch.arange(len(targets), device=grad.device), targets] -= 1
-    return loss, grad
+    return loss, grad if weights is None else grad.mul_(weights[:, None])
+
+
+def token_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                   chunk_size: int | None = None) -> torch.Tensor:
+    """log p(target) (N,) fp32 of hidden rows (N, D) through the head, a chunk of logits at a time, no gradient."""
+    chunk_size = chunk_size or chunk_rows(head.weight.shape[0])
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    with torch.no_grad():
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = head(hidden[rows]).float()  # (n, V)
+            out[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - logits.logsumexp(-1)
+    return out
 
 
 def kl_full(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, need_grad: bool):

@@ -93,19 +93,23 @@ class ProgressLog:
                     self.tensorboard.add_scalar(key, value, record["step"])
 
     def step(self, step: int, loss: float, lr: float, grad_norm: float, tokens: int, seq_len: int, seconds: float,
-             skipped: bool = False) -> str:
+             skipped: bool = False, metrics: dict[str, float] | None = None) -> str:
+        """`metrics`: the loss's own figures of the step (e.g. DPO's reward accuracy), logged beside the loss."""
+        metrics = metrics or {}
         self.recent = (self.recent + [seconds])[-20:]
         tok_s = tokens / seconds if seconds > 0 else float("nan")
         mfu = tok_s * flops_per_token(self.model_config, seq_len) / self.peak_flops if self.peak_flops else None
         eta = (self.total_steps - step - 1) * sum(self.recent) / len(self.recent)
         line = (f"step {step + 1:0{self.width}d}/{self.total_steps:0{self.width}d} | loss {loss:.4f} | lr {lr:.1e} | "
                 f"{format_rate(tok_s)} tok/s | mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
-                f"eta {format_duration(eta)}" + (" | SKIPPED (non-finite)" if skipped else ""))
+                f"eta {format_duration(eta)}" + "".join(f" | {name} {value:.3f}" for name, value in metrics.items())
+                + (" | SKIPPED (non-finite)" if skipped else ""))
         if self.enabled:
             self._write({"step": step + 1, "loss": loss if math.isfinite(loss) else None, "objective": self.objective,
                          "lr": lr,
                          "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "tokens_per_s": tok_s,
-                         "mfu": mfu, "skipped": skipped, "time": time.time()})
+                         "mfu": mfu, "skipped": skipped, "time": time.time(),
+                         **{name: value if math.isfinite(value) else None for name, value in metrics.items()}})
             if (step + 1) % self.print_every == 0 or step + 1 == self.total_steps or skipped:
                 print(line, flush=True)
         return line

@@ -2,8 +2,8 @@
 
 A recipe names its loss as a small frozen value (`KD(teacher=...)`, `CE()`, `SelfDistillation()`), so the
 recipe stays printable and comparable; `run_recipe` calls it with the `StageContext` (the starting model
-before any transform, its tokenizer, the device) when the run has them. A new objective (DPO, a
-positional-distillation teacher) is one more class here, not a branch in the recipe.
+before any transform, its tokenizer, the device, the batch source) when the run has them. A new objective (DPO,
+a positional-distillation teacher) is one more class here, not a branch in the recipe.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .losses import CrossEntropy, Distillation, Loss
+from .preference import PreferenceLoss, cached_reference
 from .teacher import frozen_copy, load_teacher
 
 
@@ -23,6 +24,9 @@ class StageContext:
     model: nn.Module  # the starting weights, before the recipe's transforms
     tokenizer: Path | None  # the run's tokenizer folder
     device: torch.device
+    batches: object | None = None  # the run's training batch source (e.g. to precompute per-example values)
+    run_dir: Path | None = None  # where the run keeps its files (checkpoints, caches)
+    parallel: object | None = None  # the run's processes (mobilellm.train.distributed)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -31,6 +35,8 @@ class StageContext:
 
 
 class Objective:
+    batch_kind = "sequences"  # what its loss reads: next-token targets; "pairs" for preference losses
+
     def check(self, recipe_name: str) -> None:
         """Problems visible before any data or weights are read (raise ValueError naming the fix)."""
 
@@ -74,3 +80,38 @@ class SelfDistillation(Objective):
 
     def __call__(self, context: StageContext) -> Loss:
         return Distillation(frozen_copy(context.model).to(context.device), temperature=self.temperature, ce_weight=self.ce_weight)
+
+
+@dataclass(frozen=True)
+class DPO(Objective):
+    """A preference loss (sigmoid = DPO, ipo, hinge) on preference pairs, against a frozen reference.
+
+    The reference is the starting weights (`reference=None`, the usual choice: the SFT model) or a checkpoint.
+    `precompute`: its log-probs of every pair are computed once before training and cached in the run folder
+    (`reference_logps/`, read again on resume), and no reference model is kept during training.
+    """
+
+    batch_kind = "pairs"
+    loss: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # sigmoid only: the assumed fraction of flipped preferences (cDPO)
+    reference: str | None = None
+    precompute: bool = False
+
+    def check(self, recipe_name: str) -> None:
+        PreferenceLoss(self.loss, self.beta, self.label_smoothing)  # refuses unknown losses and bad numbers
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ValueError(f"recipe {recipe_name!r}: label smoothing applies to the sigmoid loss, not {self.loss}")
+
+    def __call__(self, context: StageContext) -> Loss:
+        if self.reference is None:
+            reference = frozen_copy(context.model).to(device=context.device, dtype=context.dtype)
+        else:
+            reference = load_teacher(self.reference, context.model.config, context.tokenizer, dtype=context.dtype,
+                                     device=context.device)
+        if not self.precompute:
+            return PreferenceLoss(self.loss, self.beta, self.label_smoothing, reference)
+        identity = {"reference": self.reference or "the starting weights", "dtype": str(context.dtype)}
+        context.batches.set_reference(cached_reference(reference, context.batches, context.run_dir, context.parallel,
+                                                       context.device, identity))
+        return PreferenceLoss(self.loss, self.beta, self.label_smoothing, None)

@@ -2,9 +2,9 @@
 
 Every stage (KD pretraining, positional distillation, specialists, QAT, SFT) is a `Recipe`: where the
 weights start (a fresh `student` or an `init` checkpoint, with optional config changes), the model
-transforms (e.g. QAT `prepare`), the objective (a loss factory), the data (token shards and domain weights)
-and the loop's own `TrainConfig`. Recipes themselves live in the top-level `recipes/` package as
-functions returning a `Recipe`.
+transforms (e.g. QAT `prepare`), the objective (a loss factory), the data (token shards and domain weights by
+default, or any `BatchSource`: chat data for SFT, preference pairs for DPO) and the loop's own `TrainConfig`.
+Recipes themselves live in the top-level `recipes/` package as functions returning a `Recipe`.
 
 The global batch is the truth: `global_batch_rows` sequences per optimizer step whatever the number of
 processes; each process takes its share in micro-batches of at most `micro_batch_rows` rows (a memory
@@ -21,8 +21,8 @@ from typing import Callable
 
 from ..artifacts import resolve_checkpoint
 from ..config import ModelConfig
-from ..data import MixtureLoader, TokenDataset, validation_batches
 from ..atomic import write_json_atomic
+from ..data.batch_source import BatchLayout, BatchSource, TokenShards
 from ..loading import load
 from ..model import build_model
 from ..tokenizer import TOKENIZER_FILE, Tokenizer, tokenizer_files
@@ -32,13 +32,16 @@ from .loop import TrainConfig, TrainResult, Transform, train
 from .objectives import CE, Objective, StageContext
 
 
+DATA_REPORT = "data.json"  # beside recipe.json: what reading the data found (truncated, dropped examples)
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
     train: TrainConfig  # steps, schedule, optimizer, clipping, cadence; grad_accum follows from the batch split
     seq_len: int
     global_batch_rows: int  # sequences per optimizer step, all processes together
-    shards: str | None  # token-shard folder (`mobilellm tokenize`)
+    shards: str | None = None  # token-shard folder (`mobilellm tokenize`), the default batch source
     objective: Objective = CE()
     student: ModelConfig | None = None  # the architecture of a run from scratch (seeded with `seed`)
     init: str | None = None  # or the checkpoint the weights start from: folder, fetchable name or .gguf
@@ -50,6 +53,7 @@ class Recipe:
     seed: int = 0
     val_batches: int = 4
     prepare: Callable[[], None] | None = field(default=None, compare=False)  # builds the shards when missing
+    data: BatchSource | None = None  # batches from elsewhere than token shards (chat data, preference pairs)
 
     def replace(self, **changes) -> "Recipe":
         return dataclasses.replace(self, **changes)
@@ -94,9 +98,17 @@ class Recipe:
         if self.config_changes and self.init is None:
             raise ValueError(f"recipe {self.name!r}: config_changes apply to an init checkpoint; change the student")
         self.objective.check(self.name)
-        if not self.shards:
-            raise ValueError(f"recipe {self.name!r} needs token shards (--data, made by `mobilellm tokenize`)")
+        if self.data is not None and (self.shards or self.domain_weights):
+            raise ValueError(f"recipe {self.name!r} names both token shards and another batch source: give one")
+        source = self.batch_source()
+        source.check(self)
+        if source.kind != self.objective.batch_kind:
+            raise ValueError(f"recipe {self.name!r}: its objective {type(self.objective).__name__} reads "
+                             f"{self.objective.batch_kind} but its data ({type(source).__name__}) gives {source.kind}")
         return self.batch_split(world_size, micro_batch)[1]
+
+    def batch_source(self) -> BatchSource:
+        return self.data if self.data is not None else TokenShards(self.shards, self.domain_weights)
 
     def tokenizer_folder(self) -> Path | None:
         """The run's tokenizer: the recipe's, else the init checkpoint's own when it has one."""
@@ -109,6 +121,7 @@ class Recipe:
     def summary(self) -> dict:
         """The recipe as JSON-ready data (recipe.json beside the run); paths and the like as strings."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("prepare",)}
+        data["data"] = self.data.summary() if self.data is not None else None
         data["student"] = self.student.to_dict() if self.student else None
         data["train"] = dataclasses.asdict(self.train)
         data["objective"] = {"kind": type(self.objective).__name__, **dataclasses.asdict(self.objective)}
@@ -149,22 +162,20 @@ def run_recipe(recipe: Recipe, out: str | Path, *, resume: bool = False, paralle
         recipe = recipe.replace(init=str(resolve_checkpoint(recipe.init)))
     model = start_model(recipe)
     tokenizer = recipe.tokenizer_folder()
-    dataset = TokenDataset(recipe.shards)
-    dataset.check_model_vocab(model.config.vocab_size)
-    if tokenizer is not None:
-        dataset.check_tokenizer(Tokenizer.load(tokenizer))
-    weights = recipe.domain_weights or {name: 1.0 for name in dataset.domains}
-    processes = dict(rank=parallel.rank, world_size=parallel.world_size)
     # One global stream: every step takes the next global batch, whatever the number of processes.
-    loader = MixtureLoader(dataset, weights, seq_len=recipe.seq_len, global_batch_size=recipe.global_batch_rows,
-                           grad_accum=grad_accum, seed=recipe.seed, **processes)
-    val = list(validation_batches(dataset, seq_len=recipe.seq_len, batch_size=micro_rows,
-                                  max_batches=recipe.val_batches, **processes)) if recipe.train.eval_every else None
-    loss = recipe.objective(StageContext(model, tokenizer, parallel.device))
+    layout = BatchLayout(recipe.seq_len, recipe.global_batch_rows, grad_accum, micro_rows, parallel.rank,
+                         parallel.world_size, recipe.seed)
+    batches = recipe.batch_source().build(layout, Tokenizer.load(tokenizer) if tokenizer is not None else None,
+                                          model.config.vocab_size, recipe.val_batches if recipe.train.eval_every else None)
     out = Path(out)
     if parallel.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "recipe.json", recipe.summary())
-    return train(model, loader, loss, dataclasses.replace(recipe.train, grad_accum=grad_accum), out,
-                 transforms=recipe.transforms, val_batches=val, parallel=parallel, resume=resume, hooks=hooks,
-                 extra_files=tokenizer_files(tokenizer))
+        if batches.report:
+            write_json_atomic(out / DATA_REPORT, batches.report)
+            print("data: " + ", ".join(f"{key} {value:,}" if isinstance(value, int) else f"{key} {value}"
+                                       for key, value in batches.report.items()), flush=True)
+    loss = recipe.objective(StageContext(model, tokenizer, parallel.device, batches.train, out, parallel))
+    return train(model, batches.train, loss, dataclasses.replace(recipe.train, grad_accum=grad_accum), out,
+                 transforms=recipe.transforms, val_batches=batches.validation, parallel=parallel, resume=resume,
+                 hooks=hooks, extra_files=tokenizer_files(tokenizer))

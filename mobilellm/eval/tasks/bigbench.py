@@ -53,14 +53,18 @@ def fetch_bigbench(names: list[str]) -> Path:
     return root
 
 
+def choice_order(scores: dict) -> list[str]:
+    """The choices in the order BIG-bench shows them (a permutation seeded by its default random_seed)."""
+    return [str(c) for c in np.random.RandomState(seed=FORMAT_SEED).permutation(sorted(scores))]
+
+
 def format_example(example: dict, task: dict) -> MultipleChoiceItem:
     """BIG-bench's zero-shot `default_format_fn`, then its task prefix."""
     scores = example["target_scores"]
     text = example["input"]
     if task.get("append_choices_to_input", True):
         choice_prefix = task.get("choice_prefix", "\n  choice: ")
-        order = np.random.RandomState(seed=FORMAT_SEED).permutation(sorted(scores))
-        text = text + choice_prefix + choice_prefix.join(order)
+        text = text + choice_prefix + choice_prefix.join(choice_order(scores))
     prompt = (str(task.get("task_prefix", "")) + task.get("example_input_prefix", "\nQ: ") + text
               + task.get("example_output_prefix", "\nA: "))
     choices = tuple(scores)
@@ -68,24 +72,28 @@ def format_example(example: dict, task: dict) -> MultipleChoiceItem:
     return MultipleChoiceItem((prompt,), choices, choices, tuple(i for i, c in enumerate(choices) if scores[c] == best))
 
 
-def load_task_file(path: Path) -> list[MultipleChoiceItem]:
-    task = json.loads(path.read_text(encoding="utf-8"))
-    seen, items = set(), []
+def unique_examples(task: dict) -> list[dict]:
+    """The task's examples without duplicates (BIG-bench drops them too)."""
+    seen, examples = set(), []
     for example in task.get("examples", []):
         key = json.dumps(example)
-        if key in seen or "target_scores" not in example:  # BIG-bench drops duplicates too
-            continue
-        seen.add(key)
-        items.append(format_example(example, task))
-    return items
+        if key not in seen:
+            seen.add(key)
+            examples.append(example)
+    return examples
+
+
+def task_jsons(name: str, root: Path | None = None) -> list[dict]:
+    """A task's JSON, then its subtasks' in order (elementary_math_qa is split into subtasks)."""
+    folder = (root or fetch_bigbench([name])) / name
+    paths = [folder / "task.json"] + sorted(p / "task.json" for p in folder.iterdir() if (p / "task.json").exists())
+    return [json.loads(path.read_text(encoding="utf-8")) for path in paths]
 
 
 def load_bigbench(name: str, root: Path | None = None) -> list[MultipleChoiceItem]:
-    """All items of a task; a task split into subtasks (elementary_math_qa) yields its subtasks in order."""
-    folder = (root or fetch_bigbench([name])) / name
-    items = load_task_file(folder / "task.json")
-    for sub in sorted(p for p in folder.iterdir() if (p / "task.json").exists()):
-        items += load_task_file(sub / "task.json")
+    """All multiple-choice items of a task and its subtasks."""
+    items = [format_example(example, task) for task in task_jsons(name, root) for example in unique_examples(task)
+             if "target_scores" in example]
     if not items:
         raise DataError(f"BIG-bench task {name} has no multiple-choice examples")
     return items

@@ -1,0 +1,79 @@
+"""Where a recipe's batches come from: a small frozen value that builds the loop's batch source once the run is set up.
+
+Every source built here keeps `MixtureLoader`'s contract: an endless iterator of dict micro-batches (int64
+`tokens`, `targets`, `positions`, `doc_ids` (B, T), plus whatever its objective reads), `state_dict()` /
+`load_state_dict()` for exact resume, and `world_size` / `grad_accum` attributes. There is one global stream;
+each process takes its rows of every global batch, so a run resumes on another number of processes.
+
+`kind` says what the batches hold, and a recipe pairs its data with an objective that reads that kind:
+"sequences" (next-token targets: pretraining, SFT) or "pairs" (preference pairs: DPO).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ..tokenizer import Tokenizer
+from .mixture import MixtureLoader, validation_batches
+from .shards import TokenDataset
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How the run cuts its global stream, the same on every process but for `rank`."""
+    seq_len: int
+    global_batch_rows: int  # rows per optimizer step, all processes together
+    grad_accum: int  # micro-batches per optimizer step on one process
+    micro_rows: int  # rows per micro-batch (validation batches too)
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+
+
+@dataclass
+class BuiltBatches:
+    train: Iterator[dict]  # the loop's batch source
+    validation: list[dict] | None  # this process's validation batches, None when the run measures none
+    report: dict  # what reading the data found (examples, truncated, dropped): printed and kept beside the run
+
+
+class BatchSource:
+    kind = "sequences"
+
+    def check(self, recipe) -> None:
+        """Problems visible before anything is read (raise ValueError naming the fix)."""
+
+    def build(self, layout: BatchLayout, tokenizer: Tokenizer | None, vocab_size: int,
+              val_batches: int | None) -> BuiltBatches:
+        """The source for this process; `val_batches`: at most that many validation batches (None: none)."""
+        raise NotImplementedError
+
+    def summary(self) -> dict:
+        return {"kind": type(self).__name__, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class TokenShards(BatchSource):
+    """Token shards (`mobilellm tokenize`), domains sampled by weight and packed (`MixtureLoader`)."""
+
+    folder: str
+    domain_weights: dict[str, float] | None = None  # None: every domain of the shards equally
+
+    def check(self, recipe) -> None:
+        if not self.folder:
+            raise ValueError(f"recipe {recipe.name!r} needs token shards (--data, made by `mobilellm tokenize`)")
+
+    def build(self, layout, tokenizer, vocab_size, val_batches):
+        dataset = TokenDataset(self.folder)
+        dataset.check_model_vocab(vocab_size)
+        if tokenizer is not None:
+            dataset.check_tokenizer(tokenizer)
+        weights = self.domain_weights or {name: 1.0 for name in dataset.domains}
+        processes = dict(rank=layout.rank, world_size=layout.world_size)
+        loader = MixtureLoader(dataset, weights, seq_len=layout.seq_len, global_batch_size=layout.global_batch_rows,
+                               grad_accum=layout.grad_accum, seed=layout.seed, **processes)
+        val = None if val_batches is None else list(validation_batches(
+            dataset, seq_len=layout.seq_len, batch_size=layout.micro_rows, max_batches=val_batches, **processes))
+        return BuiltBatches(loader, val, {})

@@ -1,0 +1,112 @@
+"""Instruction and preference data built from BIG-bench tasks (their JSON fetched from PyPI, `eval.tasks.bigbench`).
+
+- Instructions (SFT): every example becomes a prompt/completion pair. The prompt is the task's instruction (its
+  prefix, else its description), then the input (its input prefix kept, as some tasks put needed text there);
+  a multiple-choice item lists its choices (in BIG-bench's seeded order) and its completion is the correct one;
+  a generative example's completion is its (first) target.
+- Preferences (DPO): every multiple-choice item with one correct choice gives a pair, chosen = the correct
+  choice, rejected = one wrong choice drawn with a seeded RNG.
+
+The BIG-bench tasks `mobilellm eval` scores (`eval.tasks.BIGBENCH_TASKS`) are kept out of training: asking for one
+is an error. Each task contributes at most `max_per_task` items (a seeded sample), so no large task swamps the rest,
+and a seeded `val_fraction` of the instructions is held out.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import DataError
+from ..eval.tasks import BIGBENCH_TASKS
+from ..eval.tasks.bigbench import choice_order, task_jsons, unique_examples
+
+# Tasks with a text target (generative) and with scored choices; none of them is an evaluation task.
+GENERATIVE_TASKS = ("auto_categorization", "chinese_remainder_theorem", "disfl_qa", "object_counting", "operators",
+                    "qa_wikidata", "repeat_copy_logic", "rephrase", "tense", "word_sorting", "word_unscrambling")
+CHOICE_TASKS = ("anachronisms", "arithmetic", "causal_judgment", "date_understanding", "epistemic_reasoning",
+                "general_knowledge", "implicatures", "known_unknowns", "logical_deduction",
+                "logical_fallacy_detection", "misconceptions", "navigate", "physical_intuition", "riddle_sense",
+                "sports_understanding", "timedial", "tracking_shuffled_objects", "unit_conversion")
+DEFAULT_TASKS = tuple(sorted(GENERATIVE_TASKS + CHOICE_TASKS))
+
+
+@dataclass
+class InstructionData:
+    train: list[dict] = field(default_factory=list)  # prompt/completion records
+    val: list[dict] = field(default_factory=list)
+    pairs: list[dict] = field(default_factory=list)  # prompt/chosen/rejected records
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # task -> {"instructions", "pairs"}
+
+
+def check_tasks(tasks: list[str]) -> None:
+    held_out = sorted(set(tasks) & set(BIGBENCH_TASKS))
+    if held_out:
+        raise DataError(f"BIG-bench task(s) {', '.join(held_out)} are scored by `mobilellm eval` (bigbench_NAME): "
+                        "keep them out of training")
+
+
+def prompt_text(example: dict, task: dict) -> str:
+    """The task's instruction (its prefix, else its description), then its input prefix and the input; a
+    multiple-choice item's choices listed after it."""
+    instruction = str(task.get("task_prefix", "")).strip() or str(task.get("description", "")).strip()
+    text = (task.get("example_input_prefix", "") + example["input"]).strip()
+    text = f"{instruction}\n\n{text}" if instruction else text
+    if "target_scores" in example:
+        text += "\n\nOptions:\n" + "\n".join(f"- {choice.strip()}" for choice in choice_order(example["target_scores"]))
+    return text
+
+
+def correct_and_wrong(scores: dict) -> tuple[list[str], list[str]]:
+    best = max(scores.values())
+    return ([str(c).strip() for c, s in scores.items() if s == best],
+            [str(c).strip() for c, s in scores.items() if s != best])
+
+
+def instruction(example: dict, task: dict) -> dict | None:
+    if "target_scores" in example:
+        correct, _ = correct_and_wrong(example["target_scores"])
+        completion = correct[0] if len(correct) == 1 else None
+    else:
+        target = example.get("target")
+        completion = target[0] if isinstance(target, list) and target else target
+    if not isinstance(completion, str) or not completion.strip() or not isinstance(example.get("input"), str):
+        return None
+    return {"prompt": prompt_text(example, task), "completion": completion.strip()}
+
+
+def preference(example: dict, task: dict, rng: np.random.Generator) -> dict | None:
+    if "target_scores" not in example or not isinstance(example.get("input"), str):
+        return None
+    correct, wrong = correct_and_wrong(example["target_scores"])
+    if len(correct) != 1 or not wrong or not correct[0]:
+        return None
+    return {"prompt": prompt_text(example, task), "chosen": correct[0], "rejected": wrong[rng.integers(len(wrong))]}
+
+
+def build_instructions(tasks: list[str] | tuple[str, ...] = DEFAULT_TASKS, *, max_per_task: int | None = 500,
+                       val_fraction: float = 0.05, seed: int = 0, root=None) -> InstructionData:
+    """Instructions and preference pairs from `tasks` (fetched once when `root` is None)."""
+    check_tasks(list(tasks))
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    data = InstructionData()
+    for name in tasks:
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        examples = [(e, task) for task in task_jsons(name, root) for e in unique_examples(task)]
+        if max_per_task is not None and len(examples) > max_per_task:
+            examples = [examples[i] for i in sorted(rng.choice(len(examples), max_per_task, replace=False))]
+        made = [(instruction(e, t), preference(e, t, rng)) for e, t in examples]
+        held_out = rng.random(len(made)) < val_fraction
+        for (record, pair), val in zip(made, held_out):
+            if record is not None:
+                (data.val if val else data.train).append(record)
+            if pair is not None and not val:
+                data.pairs.append(pair)
+        data.counts[name] = {"instructions": sum(r is not None for r, _ in made),
+                             "pairs": sum(p is not None for (_, p), v in zip(made, held_out) if not v)}
+        if not data.counts[name]["instructions"]:
+            raise DataError(f"BIG-bench task {name} gave no instruction (no example with an input and one answer)")
+    return data
