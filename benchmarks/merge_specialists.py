@@ -60,7 +60,7 @@ def main() -> None:
                         help="folder for the runs (default: a temp dir); finished runs in it are reused")
     parser.add_argument("--bigbench", default="bigbench_elementary_math_qa,bigbench_winowhy",
                         help="multiple-choice tasks scored for every arm ('' for none)")
-    parser.add_argument("--bigbench-limit", type=int, default=100)
+    parser.add_argument("--bigbench-limit", type=int, default=50)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     base = fetch_smollm2()
