@@ -127,7 +127,7 @@ def test_a_killed_tokenize_resumes_to_the_same_shards(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "mobilellm.cli", *args(tmp_path / "killed")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = tmp_path / "killed" / "manifest.json"
-    deadline = time.time() + 60
+    deadline = time.time() + 300  # a loaded machine starts the process slowly
     while time.time() < deadline and proc.poll() is None:
         if manifest.exists() and len(json.loads(manifest.read_text())["domains"]["d"]["shards"]) >= 3:
             break
