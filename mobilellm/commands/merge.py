@@ -60,10 +60,11 @@ def specialists_of(out: Path) -> dict | None:
     found, parents = {}, set()
     for recipe_file in sorted(out.glob("*/recipe.json")):
         recipe = json.loads(recipe_file.read_text())
-        if not recipe.get("name", "").startswith("specialist-") or latest_checkpoint(recipe_file.parent) is None:
+        final = latest_checkpoint(recipe_file.parent)
+        if not recipe.get("name", "").startswith("specialist-") or final is None:
             continue
         parents.add(recipe["init"])
-        found[recipe_file.parent.name] = str(latest_checkpoint(recipe_file.parent))
+        found[recipe_file.parent.name] = str(final)
     if len(parents) > 1:
         raise ValueError(f"{out} holds specialists of several parents: {sorted(parents)}")
     return {"parent": parents.pop(), "specialists": found} if found else None
@@ -130,17 +131,14 @@ def merge_search(models: list[str], *, data: Path, out: Path, domains: list[str]
         val_batches: held-out batches per domain and half
         seed: CMA-ES seed
     """
-    from ..artifacts import resolve_checkpoint
     from ..hf import model_from_tensors
     from ..merge import load_states, merge_states, search_weights
+    from ..merge.checkpoints import resolve
     from ..merge.plot import plot_search
     from ..merge.target import DomainTarget
 
     chosen = MergeMethod(method)
-    folders = [resolve_checkpoint(m) for m in models]
-    if chosen.needs_base and base is None:
-        raise MergeError(f"{method} needs --base")
-    base_folder = resolve_checkpoint(base) if base else None
+    folders, base_folder = resolve(models, base, chosen, [1.0 / len(models)] * len(models))
     config, states = load_states(folders + ([base_folder] if base_folder else []))
     base_state = states.pop() if base_folder else None
     targets = {part: DomainTarget.from_shards(str(data), domains, part, seq_len=seq_len, batch_size=batch_size,
