@@ -221,6 +221,8 @@ def test_instructions_and_pairs_from_bigbench_tasks(tmp_path):
                            "rejected": data.pairs[0]["rejected"]}] and data.pairs[0]["rejected"] in ("a", "c")
     split = build_instructions(["capitals"], max_per_task=6, val_fraction=0.5, seed=1, root=tmp_path)
     assert len(split.train) + len(split.val) == 6 and split.val
+    picks = build_instructions(["pick"], max_per_task=None, val_fraction=0.99, seed=0, root=tmp_path)
+    assert not picks.pairs and [p["chosen"] for p in picks.val_pairs] == ["b"]  # a held-out item's pair is held out
     with pytest.raises(DataError, match="social_iqa are scored by `mobilellm eval`"):
         build_instructions(["capitals", "social_iqa"], root=tmp_path)
 
@@ -236,5 +238,6 @@ def test_sft_data_command_on_the_real_bigbench_when_fetched(tmp_path, capsys):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["tasks"]["navigate"]["instructions"] == 50 and manifest["tasks"]["word_sorting"]["pairs"] == 0
     assert len(train) + len((tmp_path / "sft_val.jsonl").read_text().splitlines()) == 100
+    assert len(pairs) + len((tmp_path / "dpo_val.jsonl").read_text().splitlines()) == 50
     assert all(p["chosen"] in ("True", "False") and p["chosen"] != p["rejected"] for p in pairs)
     assert "from 2 BIG-bench tasks" in capsys.readouterr().out

@@ -112,14 +112,15 @@ def sft_data(*, out: Path, tasks: list[str] | None = None, max_per_task: int = 5
 
     Writes OUT/sft.jsonl and OUT/sft_val.jsonl (prompt/completion: the task's input, a multiple-choice item's
     choices listed, and the correct answer), OUT/dpo.jsonl (prompt/chosen/rejected from multiple-choice items:
-    the correct choice against a wrong one) and OUT/manifest.json (items per task). The BIG-bench tasks that
+    the correct choice against a wrong one), OUT/dpo_val.jsonl (the pairs of the held-out items) and
+    OUT/manifest.json (items per task). The BIG-bench tasks that
     `mobilellm eval` scores are never used. The first run downloads the BIG-bench sdist (358 MB) once.
 
     Args:
         out: folder for the JSONL files
         tasks: BIG-bench task names (default: 29 generative and multiple-choice tasks, none used for evaluation)
         max_per_task: at most this many examples per task (a seeded sample)
-        val_fraction: the fraction of instructions held out in sft_val.jsonl (their pairs are left out of dpo.jsonl)
+        val_fraction: the fraction of items held out (in sft_val.jsonl and dpo_val.jsonl)
         seed: sampling seed
     """
     import json
@@ -132,10 +133,12 @@ def sft_data(*, out: Path, tasks: list[str] | None = None, max_per_task: int = 5
     root = fetch_bigbench(names)
     data = build_instructions(names, max_per_task=max_per_task, val_fraction=val_fraction, seed=seed, root=root)
     out = Path(out)
-    for name, records in (("sft.jsonl", data.train), ("sft_val.jsonl", data.val), ("dpo.jsonl", data.pairs)):
+    for name, records in (("sft.jsonl", data.train), ("sft_val.jsonl", data.val), ("dpo.jsonl", data.pairs),
+                          ("dpo_val.jsonl", data.val_pairs)):
         write_text_atomic(out / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     write_json_atomic(out / "manifest.json", {"source": "bigbench==1.0.0 (PyPI)", "tasks": data.counts,
                                               "seed": seed, "max_per_task": max_per_task,
                                               "val_fraction": val_fraction})
     print(f"{len(data.train):,} instructions ({len(data.val):,} held out) and {len(data.pairs):,} preference pairs "
+          f"({len(data.val_pairs):,} held out) "
           f"from {len(names)} BIG-bench tasks in {out}")

@@ -5,7 +5,7 @@
   a multiple-choice item lists its choices (in BIG-bench's seeded order) and its completion is the correct one;
   a generative example's completion is its (first) target.
 - Preferences (DPO): every multiple-choice item with one correct choice gives a pair, chosen = the correct
-  choice, rejected = one wrong choice drawn with a seeded RNG.
+  choice, rejected = one wrong choice drawn with a seeded RNG. The pairs of held-out items are held out too.
 
 The BIG-bench tasks `mobilellm eval` scores (`eval.tasks.BIGBENCH_TASKS`) are kept out of training: asking for one
 is an error. Each task contributes at most `max_per_task` items (a seeded sample), so no large task swamps the rest,
@@ -38,6 +38,7 @@ class InstructionData:
     train: list[dict] = field(default_factory=list)  # prompt/completion records
     val: list[dict] = field(default_factory=list)
     pairs: list[dict] = field(default_factory=list)  # prompt/chosen/rejected records
+    val_pairs: list[dict] = field(default_factory=list)  # the pairs of the held-out instructions' items
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # task -> {"instructions", "pairs"}
 
 
@@ -103,8 +104,8 @@ def build_instructions(tasks: list[str] | tuple[str, ...] = DEFAULT_TASKS, *, ma
         for (record, pair), val in zip(made, held_out):
             if record is not None:
                 (data.val if val else data.train).append(record)
-            if pair is not None and not val:
-                data.pairs.append(pair)
+            if pair is not None:
+                (data.val_pairs if val else data.pairs).append(pair)
         data.counts[name] = {"instructions": sum(r is not None for r, _ in made),
                              "pairs": sum(p is not None for (_, p), v in zip(made, held_out) if not v)}
         if not data.counts[name]["instructions"]:
