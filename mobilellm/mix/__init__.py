@@ -8,10 +8,10 @@
 from .influence import alignments, cosine, mean_gradient
 from .junk import shuffle_documents, with_junk_domain
 from .mixfile import MIX_FILE, read_mix
-from .simulate import MixConfig, natural_weights, simulate
+from .simulate import MixConfig, MixStage, natural_weights, simulate
 from .target import Target
 from .weights import MixMapping, aggregate, clip_to_bounds, standardize
 
-__all__ = ["MIX_FILE", "MixConfig", "MixMapping", "Target", "aggregate", "alignments", "clip_to_bounds", "cosine",
+__all__ = ["MIX_FILE", "MixConfig", "MixStage", "MixMapping", "Target", "aggregate", "alignments", "clip_to_bounds", "cosine",
            "mean_gradient", "natural_weights", "read_mix", "shuffle_documents", "simulate", "standardize",
            "with_junk_domain"]

@@ -41,10 +41,11 @@ MIX_PLOT = "mix.png"
 class MixConfig:
     """The simulation's own settings (the proxy's are its recipe's).
 
-    checkpoints: K, the proxy checkpoints where utilities are measured (at least 4, evenly spread)
-    probe_rows: training rows per domain whose gradient is taken at each checkpoint
-    micro_rows: rows per forward pass of a gradient
-    junk: also mix in a junk domain, this domain's tokens shuffled within each document (a test of the mixer)
+    Args:
+        checkpoints: K, the proxy checkpoints where utilities are measured (at least 4, evenly spread)
+        probe_rows: training rows per domain whose gradient is taken at each checkpoint
+        micro_rows: rows per forward pass of a gradient
+        junk: also mix in a junk domain: this domain's tokens shuffled within each document (tests the mixer)
     """
     checkpoints: int = 4
     probe_rows: int = 16
@@ -60,6 +61,14 @@ class MixConfig:
                              "steps a multiple of the checkpoint count")
         if self.probe_rows <= 0 or self.micro_rows <= 0:
             raise ValueError(f"probe_rows ({self.probe_rows}) and micro_rows ({self.micro_rows}) must be positive")
+
+
+@dataclass(frozen=True)
+class MixStage:
+    """A recipe's SDM stage: the proxy run, what the mix is for, and the simulation's settings."""
+    proxy: Recipe
+    target: Target
+    config: MixConfig = field(default_factory=MixConfig)
 
 
 def data_hash(dataset: TokenDataset, domains: list[str]) -> str:
@@ -105,6 +114,9 @@ def simulate(proxy: Recipe, target: Target, out: str | Path, *, config: MixConfi
         raise DataError(f"the mix simulation samples domains of token shards: recipe {proxy.name!r} names none")
     config.check(proxy.train.steps)
     parallel = parallel or init_parallel(strategy)
+    if parallel.is_main and proxy.prepare is not None:
+        proxy.prepare()  # builds the shards when missing
+    parallel.barrier()
     out = Path(out)
     shards = Path(proxy.shards)
     if config.junk:

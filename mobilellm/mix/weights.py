@@ -24,9 +24,10 @@ from dataclasses import dataclass
 class MixMapping:
     """How utilities become weights: softmax of standardized utilities, then floor and cap.
 
-    temperature: softmax temperature over z-scored utilities (smaller: sharper weights)
-    floor: every weight is at least floor / n (a fraction of the uniform weight), 0 <= floor <= 1
-    cap: no weight exceeds cap, 1/n <= cap <= 1
+    Args:
+        temperature: softmax temperature over the z-scored utilities (smaller: sharper weights)
+        floor: every weight is at least floor / n, a fraction of the uniform weight (0 to 1)
+        cap: no weight exceeds cap (1/n to 1)
     """
     temperature: float = 1.0
     floor: float = 0.2
