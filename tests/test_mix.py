@@ -224,3 +224,23 @@ def test_two_processes_reduce_gradients_to_the_one_process_weights(data, tmp_pat
         assert b["utilities"] == pytest.approx(a["utilities"], abs=1e-4)
         assert b["target_loss"] == pytest.approx(a["target_loss"], rel=1e-5)
     assert double["weights"] == pytest.approx(single["weights"], abs=1e-4)
+
+
+# ---- the extra corpus domains --------------------------------------------------------------------------------
+
+def test_bigbench_corpus_text_takes_tasks_in_turn_and_never_the_evaluated_ones():
+    from mobilellm.data.starter import bigbench_records
+    from mobilellm.eval.tasks.bigbench import bigbench_dir
+    if not all((bigbench_dir() / t / "task.json").exists() for t in ("tense", "operators")):
+        pytest.skip("BIG-bench tasks not extracted (mobilellm eval fetches them)")
+    records = list(bigbench_records(("tense", "operators")))
+    assert [s.split("#")[0] for s, _ in records[:4]] == ["bigbench:tense", "bigbench:operators"] * 2
+    assert records[0][1].startswith("\nQ: ") and "\nA: " in records[0][1]
+    with pytest.raises(DataError, match="winowhy are held out"):
+        list(bigbench_records(("tense", "winowhy")))
+
+
+def test_the_starter_corpus_refuses_unknown_domains(tmp_path):
+    from mobilellm.data.starter import build_starter_corpus
+    with pytest.raises(DataError, match="unknown starter domain.*poetry.*docs, bigbench"):
+        build_starter_corpus(tmp_path, domains=("poetry",))

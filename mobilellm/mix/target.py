@@ -33,11 +33,13 @@ class Target:
     files: text or JSONL files whose documents are the target
     bigbench: BIG-bench task names, rendered as text, as the target
     rows: at most this many sequences per part
+    part: (k, n): of the held-out documents, those whose index is k modulo n (another part stays unseen for reports)
     """
     domains: tuple[str, ...] = ()
     files: tuple[str, ...] = ()
     bigbench: tuple[str, ...] = ()
     rows: int = 16
+    part: tuple[int, int] = (0, 1)
 
     def check(self, dataset: TokenDataset) -> None:
         """Problems visible without tokenizing: an empty target, unknown domains, domains with no held-out data."""
@@ -59,12 +61,12 @@ class Target:
 
     def summary(self) -> dict:
         return {"domains": list(self.domains), "files": list(self.files), "bigbench": list(self.bigbench),
-                "rows": self.rows}
+                "rows": self.rows, "part": list(self.part)}
 
     def parts(self, dataset: TokenDataset, tokenizer: Tokenizer | None, seq_len: int) -> dict[str, Rows]:
         """Each part's rows, named `domain:NAME`, `file:PATH`, `bigbench:TASK`."""
         self.check(dataset)
-        parts = {f"domain:{d}": pack(dataset.documents(d, "val"), seq_len, self.rows) for d in self.domains}
+        parts = {f"domain:{d}": pack(dataset.documents(d, "val"), seq_len, self.rows, self.part) for d in self.domains}
         texts = {f"file:{p}": list(read_documents(Source(p))) for p in self.files}
         if self.bigbench:
             from ..eval.tasks.bigbench import rendered_texts
@@ -91,9 +93,9 @@ class TextDocuments:
         return np.asarray(self.tokenizer.encode(self.texts[index]) + [self.eos_id], dtype=np.int64)
 
 
-def pack(store, seq_len: int, rows: int) -> Rows:
-    """The first `rows` rows of `store`'s documents packed in order."""
-    packed = list(itertools.islice(packed_rows([("target", store)], seq_len), rows))
+def pack(store, seq_len: int, rows: int, part: tuple[int, int] = (0, 1)) -> Rows:
+    """The first `rows` rows of `store`'s documents (of `part`) packed in order."""
+    packed = list(itertools.islice(packed_rows([("target", store)], seq_len, part=part), rows))
     if not packed:
         raise DataError("the target holds no tokens")
     return collate(packed)
