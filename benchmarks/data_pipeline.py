@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.machine import machine_info, peak_rss_mib, write_json  # noqa: E402
 from mobilellm.config import ModelConfig  # noqa: E402
 from mobilellm.data import MixtureLoader, TokenDataset, read_documents, tokenize_to_shards  # noqa: E402
-from mobilellm.data.starter import build_starter_corpus, corpus_sources, default_corpus_dir, train_tokenizer  # noqa: E402
+from mobilellm.data.starter import DOMAINS, build_starter_corpus, corpus_sources, default_corpus_dir, train_tokenizer  # noqa: E402
 from mobilellm.model import build_model  # noqa: E402
 from mobilellm.tokenizer import Tokenizer  # noqa: E402
 
@@ -58,7 +58,7 @@ def bench_encoding(tokenizer: Tokenizer, texts: list[str], repeats: int) -> dict
 def bench_sharding(tokenizer: Tokenizer, corpus: Path, texts_by_domain: dict[str, list[str]]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        manifest = tokenize_to_shards(corpus_sources(corpus), tokenizer, tmp, val_fraction=0.01, progress=False)
+        manifest = tokenize_to_shards(corpus_sources(corpus, DOMAINS), tokenizer, tmp, val_fraction=0.01, progress=False)
         shard_s = time.perf_counter() - start
     everything = [t for texts in texts_by_domain.values() for t in texts]
     start = time.perf_counter()

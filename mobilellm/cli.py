@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "corpus": "mobilellm.commands.corpus:corpus",
     "tokenize": "mobilellm.commands.tokenize:tokenize",
     "pretrain": "mobilellm.commands.pretrain:pretrain",
+    "mix": "mobilellm.commands.mix:mix",
     "plot": "mobilellm.commands.plot:plot",
     "specialize": "mobilellm.commands.merge:specialize",
     "merge": "mobilellm.commands.merge:merge",

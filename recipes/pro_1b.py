@@ -11,13 +11,24 @@ distribution instead of one-hot CE. Not published, chosen here:
   checkpointing: sized for 80 GB GPUs; gradient accumulation fills the batch for any GPU count.
 The teacher (Llama 4-Scout in the paper), the Llama 4 tokenizer and the tokenized mix are the user's:
 `mobilellm pretrain --recipe pro-1b --teacher DIR --tokenizer DIR --data SHARDS`.
+
+Its SDM stage (`pro_1b_sdm`, SPEC.md 2.4) finds that mix: a proxy trains on the uniform mix of the paper's seven
+sources, and its checkpoints score each source against the target. Not published, chosen here: the proxy is
+pro-1b's layout at 12 layers x 512 (149,074,432 parameters with the tied 202,048-token embedding; AutoMixer found
+a few-hundred-million proxy best), 20k steps of 256 x 2048 tokens (10.5B tokens, 0.8% of phase 1), CE, K=8
+checkpoints; the target is BIG-bench reasoning and knowledge tasks rendered as text, and the held-out split of
+FineWeb-Edu (general English):
+
+    torchrun --nproc-per-node 8 -m mobilellm.cli mix --recipe pro-1b --data SHARDS --tokenizer DIR --parallel ddp
+    mobilellm pretrain --recipe pro-1b --teacher DIR --tokenizer DIR --data SHARDS --mix runs/mix/mix.json
 """
 
 from __future__ import annotations
 
-from mobilellm.config import ModelConfig
+from mobilellm.config import ModelConfig, local_global_pattern
+from mobilellm.mix import MixConfig, MixStage, Target
 from mobilellm.train.loop import TrainConfig
-from mobilellm.train.objectives import KD
+from mobilellm.train.objectives import CE, KD
 from mobilellm.train.optim import OptimConfig, Schedule
 from mobilellm.train.recipe import Recipe
 
@@ -54,3 +65,25 @@ def pro_1b() -> Recipe:
         objective=KD(teacher=None, temperature=1.0, ce_weight=0.0),
         val_batches=16,
     )
+
+
+SDM_SOURCES = tuple(SDM_WEIGHTS)
+PROXY = ModelConfig.from_name("pro-1b").replace(name="pro-1b-proxy", dim=512, n_layers=12, n_heads=8, n_kv_heads=2,
+                                                ffn_dim=2048, layer_types=local_global_pattern(12, 4, last_global=True))
+PROXY_STEPS = 20_000
+SDM_TARGET_TASKS = ("social_iqa", "strategyqa", "elementary_math_qa", "logical_deduction", "winowhy")
+
+
+def pro_1b_proxy() -> Recipe:
+    recipe = pro_1b()
+    return recipe.replace(
+        name="pro-1b-proxy", student=PROXY, objective=CE(), seq_len=2048,
+        global_batch_rows=256, micro_batch_rows=16, domain_weights={source: 1.0 for source in SDM_SOURCES},
+        train=TrainConfig(steps=PROXY_STEPS, schedule=Schedule(peak_lr=1e-3, total_steps=PROXY_STEPS, warmup_steps=1000,
+                                                               decay="cosine", final_lr=1e-4),
+                          optim=recipe.train.optim, compile=True, print_every=10, peak_flops=H100_BF16_PEAK))
+
+
+def pro_1b_sdm() -> MixStage:
+    return MixStage(pro_1b_proxy(), Target(domains=("fineweb-edu",), bigbench=SDM_TARGET_TASKS, rows=64),
+                    MixConfig(checkpoints=8, probe_rows=64, micro_rows=16))

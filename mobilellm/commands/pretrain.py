@@ -16,7 +16,7 @@ def objective_name(objective) -> str:
 def pretrain(*, recipe: str = "starter", loss: str | None = None, steps: int | None = None,
              out: Path | None = None, resume: bool = False, teacher: Path | None = None,
              tokenizer: Path | None = None, data: Path | None = None, parallel: str | None = None,
-             micro_batch: int | None = None, compile: bool | None = None) -> None:
+             micro_batch: int | None = None, compile: bool | None = None, mix: Path | None = None) -> None:
     """Pretrain a student from a recipe: knowledge distillation from a teacher (kd) or plain next-token CE (ce).
 
     `starter` distills a 19M-parameter student from the real SmolLM2-135M on the starter corpus, on a CPU;
@@ -37,6 +37,7 @@ def pretrain(*, recipe: str = "starter", loss: str | None = None, steps: int | N
         parallel: ddp or fsdp, when launched with torchrun on several processes
         micro_batch: rows per forward pass on one process (default: as many as the recipe's cap allows)
         compile: torch.compile each block (default: the recipe's)
+        mix: a mix.json made by `mobilellm mix`: train on its domain weights instead of the recipe's
     """
     from recipes import get_recipe  # the recipes package sits beside mobilellm
 
@@ -53,7 +54,8 @@ def pretrain(*, recipe: str = "starter", loss: str | None = None, steps: int | N
         if not isinstance(chosen.objective, KD):
             raise ValueError("--teacher is for distillation: drop it, or use --loss kd")
         chosen = chosen.replace(objective=dataclasses.replace(chosen.objective, teacher=str(teacher)))
-    changes = {key: str(value) for key, value in {"tokenizer": tokenizer, "shards": data}.items() if value is not None}
+    changes = {key: str(value) for key, value in {"tokenizer": tokenizer, "shards": data, "domain_weights": mix}.items()
+               if value is not None}
     chosen = chosen.replace(**changes)
     if compile is not None:
         chosen = chosen.replace_train(compile=compile)

@@ -59,18 +59,26 @@ class TokenShards(BatchSource):
     """Token shards (`mobilellm tokenize`), domains sampled by weight and packed (`MixtureLoader`)."""
 
     folder: str
-    domain_weights: dict[str, float] | None = None  # None: every domain of the shards equally
+    domain_weights: dict[str, float] | str | None = None  # None: every domain equally; a str: a mix.json's weights
 
     def check(self, recipe) -> None:
         if not self.folder:
             raise ValueError(f"recipe {recipe.name!r} needs token shards (--data, made by `mobilellm tokenize`)")
+        self.weights()
+
+    def weights(self) -> dict[str, float] | None:
+        if isinstance(self.domain_weights, str):
+            from ..mix.mixfile import read_mix  # mix.json, written by `mobilellm mix`
+
+            return read_mix(self.domain_weights)
+        return self.domain_weights
 
     def build(self, layout, tokenizer, vocab_size, val_batches):
         dataset = TokenDataset(self.folder)
         dataset.check_model_vocab(vocab_size)
         if tokenizer is not None:
             dataset.check_tokenizer(tokenizer)
-        weights = self.domain_weights or {name: 1.0 for name in dataset.domains}
+        weights = self.weights() or {name: 1.0 for name in dataset.domains}
         processes = dict(rank=layout.rank, world_size=layout.world_size)
         loader = MixtureLoader(dataset, weights, seq_len=layout.seq_len, global_batch_size=layout.global_batch_rows,
                                grad_accum=layout.grad_accum, seed=layout.seed, **processes)

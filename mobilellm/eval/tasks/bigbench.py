@@ -90,6 +90,26 @@ def task_jsons(name: str, root: Path | None = None) -> list[dict]:
     return [json.loads(path.read_text(encoding="utf-8")) for path in paths]
 
 
+def rendered_texts(name: str, root: Path | None = None) -> list[str]:
+    """Every example of a task (and its subtasks) as one text: the zero-shot prompt, then the answer (the
+    best-scored choice of a multiple-choice example, the first target of a generative one). Training text
+    for a corpus, or the target of a data mix."""
+    texts = []
+    for task in task_jsons(name, root):
+        for example in unique_examples(task):
+            if "target_scores" in example:
+                item = format_example(example, task)
+                texts.append(item.contexts[0] + item.continuations[item.gold[0]])
+            elif example.get("target"):
+                target = example["target"]
+                target = target[0] if isinstance(target, list) else target
+                texts.append(str(task.get("task_prefix", "")) + task.get("example_input_prefix", "\nQ: ")
+                             + example["input"] + task.get("example_output_prefix", "\nA: ") + str(target))
+    if not texts:
+        raise DataError(f"BIG-bench task {name} has no examples")
+    return texts
+
+
 def load_bigbench(name: str, root: Path | None = None) -> list[MultipleChoiceItem]:
     """All multiple-choice items of a task and its subtasks."""
     items = [format_example(example, task) for task in task_jsons(name, root) for example in unique_examples(task)
