@@ -96,7 +96,8 @@ class ShuffledDocuments:
     def __init__(self, store: DocumentStore | DocumentPieces, name: str, seed: int):
         if len(store) == 0:
             raise DataError(f"domain {name!r} has no documents in this split"
-                            + (" of the requested length" if isinstance(store, DocumentPieces) else ""))
+                            + (" of the requested length (leave it out of the domain weights)"
+                               if isinstance(store, DocumentPieces) else ""))
         self.store, self.key = store, [seed, _domain_seed(name)]
         self._epoch, self._order = -1, None
 
