@@ -11,6 +11,7 @@ import torch
 
 from data_helpers import make_texts, tiny_tokenizer, write_jsonl
 from mobilellm.attention import attention_mask
+from mobilellm.cli import main as cli
 from mobilellm.config import ModelConfig
 from mobilellm.data import IGNORE_INDEX, MixtureLoader, Packer, Source, TokenDataset, tokenize_to_shards, window_example
 from mobilellm.data.batch_source import BatchLayout, TokenShards
@@ -247,3 +248,47 @@ def test_phase2_bad_inputs_are_refused_naming_the_problem(setup, tmp_path):
     plain = ipd(setup).replace(config_changes={})  # a window past the student's context, unextended
     with pytest.raises(ValueError, match="past the model's 32-token context"):
         run_recipe(plain, tmp_path / "d")
+
+
+def test_pro_1b_phase2_has_the_papers_budget(tmp_path):
+    from recipes.pro_1b import pro_1b, pro_1b_phase2
+
+    phase1 = pro_1b()
+    assert phase1.student.max_seq_len == phase1.seq_len == 4096  # phase 1 records the length it trains at
+    phase1.student.save(tmp_path / "phase1")  # a config alone: the recipe reads no weights
+    recipe = pro_1b_phase2(str(tmp_path / "phase1"), teacher="scout", shards="s")
+    s = recipe.train.schedule
+    assert (recipe.train.steps, s.total_steps, s.peak_lr, s.final_lr) == (100_000, 100_000, 4e-5, 0.0)
+    tokens = recipe.train.steps * recipe.seq_len * recipe.global_batch_rows
+    assert abs(tokens - 20e9) / 20e9 < 0.02  # "20B tokens"
+    assert recipe.config_changes == {"max_seq_len": 131_072, "rope_theta": 8_000_000.0}
+    assert recipe.objective.teacher == "scout" and recipe.data.packing == "window"
+    assert recipe.data.max_doc_tokens == 4096 and recipe.data.domain_weights["fineweb-edu"] == 89.75
+    assert recipe.validate(world_size=3) == 1
+    with pytest.raises(ValueError, match="--teacher"):
+        pro_1b_phase2(str(tmp_path / "phase1"), teacher=None, shards="s").validate(world_size=1)
+
+
+def test_extend_context_position_loss_and_retrieval_commands(setup, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(["extend-context", setup["student"], "--data", setup["shards"], "--teacher", setup["teacher"],
+                "--seq-len", "64", "--rope-theta", "40000", "--short-docs", "16", "--steps", "1", "--batch-rows", "2",
+                "--out", str(run)]) == 0
+    checkpoint = capsys.readouterr().out.split("checkpoint: ")[-1].strip()
+    assert read_config(checkpoint).rope_theta == 40_000.0
+    assert cli(["position-loss", checkpoint, "--data", setup["shards"], "--length", "48", "--buckets", "4",
+                "--split", "train", "--domains", "long", "--out", str(tmp_path / "pl.json"),
+                "--png", str(tmp_path / "pl.png")]) == 0
+    curve = json.loads((tmp_path / "pl.json").read_text())["position_loss"]
+    assert curve["edges"] == [0, 12, 24, 36, 48] and len(curve["loss"]) == 4 and curve["documents"] > 0
+    assert (tmp_path / "pl.png").read_bytes()[:4] == b"\x89PNG"
+    assert cli(["extend-context", setup["student"], "--data", setup["shards"], "--seq-len", "32",
+                "--max-seq-len", "32", "--rope-theta", "40000", "--teacher", setup["teacher"]]) == 2
+    assert "without a longer context" in capsys.readouterr().err
+    assert cli(["position-loss", checkpoint, "--data", setup["shards"], "--length", "100000"]) == 2
+    assert "no documents of at least 100,001 tokens" in capsys.readouterr().err
+    assert cli(["retrieval", checkpoint, "--lengths", "500,700", "--depths", "0,1", "--trials", "1",
+                "--out", str(tmp_path / "r.json"), "--png", str(tmp_path / "r.png")]) == 0
+    grid = json.loads((tmp_path / "r.json").read_text())["retrieval"]
+    assert grid["lengths"] == [500, 700] and len(grid["accuracy"]) == 2  # past the 64-token context
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"

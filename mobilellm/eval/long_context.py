@@ -89,7 +89,7 @@ def loss_by_position(model, documents: Sequence[np.ndarray], length: int, bucket
                      scale: str = "linear") -> PositionCurve:
     """The mean loss per bucket of positions over `documents` (each at least `length` + 1 tokens long)."""
     if not documents:
-        raise ValueError(f"no documents of at least {length + 1} tokens to measure")
+        raise ValueError(f"no documents of at least {length + 1:,} tokens to measure")
     edges = bucket_edges(length, buckets, scale)
     losses = position_losses(model, documents, length)  # (docs, length)
     means = tuple(float(losses[:, a:b].mean()) for a, b in zip(edges[:-1], edges[1:]))
