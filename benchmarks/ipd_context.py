@@ -47,8 +47,9 @@ from mobilellm.data.mixture import validation_batches  # noqa: E402
 from mobilellm.data.shards import TokenDataset  # noqa: E402
 from mobilellm.data.starter import starter_shards  # noqa: E402
 from mobilellm.eval.lm import EvalLM  # noqa: E402
-from mobilellm.eval.long_context import loss_by_position, long_documents, retrieval_grid, save_curves  # noqa: E402
-from mobilellm.eval.needle import save_heatmap  # noqa: E402
+from mobilellm.eval.long_context import (PositionCurve, loss_by_position, long_documents, retrieval_grid,  # noqa: E402
+                                         save_curves)
+from mobilellm.eval.needle import NeedleGrid, save_heatmap  # noqa: E402
 from mobilellm.eval.report import run_tasks  # noqa: E402
 from mobilellm.hf import save_pretrained  # noqa: E402
 from mobilellm.loading import load  # noqa: E402
@@ -239,14 +240,12 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="ipd-results-")) if args.smoke else RESULTS
     out.mkdir(exist_ok=True)
     stem = f"ipd_context_seed{args.seed}"
-    from mobilellm.eval.long_context import PositionCurve
     curves = {name: PositionCurve(r["position_loss"]["length"], tuple(r["position_loss"]["edges"]),
                                   tuple(r["position_loss"]["loss"]), r["position_loss"]["documents"])
               for name, r in results.items()}
     save_curves(curves, out / f"{stem}_position_loss.png",
                 title=f"loss by position, held-out long documents (seed {args.seed})",
                 marks={"phase 1": budget.phase1_len, "new context": budget.phase2_len})
-    from mobilellm.eval.needle import NeedleGrid
     for name, r in results.items():
         g = r["retrieval"]
         grid = NeedleGrid(tuple(g["lengths"]), tuple(g["depths"]), tuple(map(tuple, g["accuracy"])), g["trials"])

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from mobilellm.cli import main as cli
 from mobilellm.config import ModelConfig
 from mobilellm.eval.long_context import (RULER_HAYSTACK, RULER_INSTRUCTION, RULER_NEEDLE, RULER_QUESTION,
                                          bucket_edges, greedy_hit, loss_by_position, retrieval_grid, ruler_prompt)

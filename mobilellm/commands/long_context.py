@@ -7,11 +7,10 @@ from pathlib import Path
 from ..data.shards import TokenDataset
 from ..dtypes import parse_dtype
 from ..eval.long_context import loss_by_position, long_documents, retrieval_grid, save_curves
-from ..eval.needle import save_heatmap
 from ..eval.report import save_results
 from ..loading import load
 from ..train.recipe import run_recipe
-from .needle import parse_numbers
+from .needle import parse_numbers, report_grid
 
 
 def extend_context(checkpoint: str, *, data: Path | None = None, teacher: Path | None = None, seq_len: int = 1024,
@@ -139,13 +138,5 @@ def retrieval(checkpoint: str, *, lengths: str = "256,512,1024,2048", depths: st
     loaded = load(checkpoint, parse_dtype(dtype), require_tokenizer=True)
     grid = retrieval_grid(loaded.model, loaded.tokenizer, parse_numbers(lengths, int, "--lengths"),
                           parse_numbers(depths, float, "--depths"), trials, seed)
-    print(f"{'depth':>6}  " + "  ".join(f"{n:>6}" for n in grid.lengths))
-    for depth, row in zip(grid.depths, grid.accuracy):
-        print(f"{depth:>6.0%}  " + "  ".join(f"{v:>6.2f}" for v in row))
-    print(f"mean {grid.to_dict()['mean']:.3f} (context {loaded.model.config.max_seq_len:,})")
-    if out is not None:
-        save_results({"model": str(checkpoint), "retrieval": grid.to_dict()}, out)
-        print(f"results written to {out}")
-    if png is not None:
-        save_heatmap(grid, png, title=f"RULER single needle: {Path(str(checkpoint)).name}")
-        print(f"heatmap written to {png}")
+    report_grid(grid, checkpoint, "retrieval", out, png, title=f"RULER single needle: {Path(str(checkpoint)).name}",
+                note=f" (context {loaded.model.config.max_seq_len:,})")
