@@ -42,6 +42,9 @@ COMMANDS: dict[str, str] = {
     "eval": "mobilellm.commands.eval:run_eval",
     "eval-compare": "mobilellm.commands.eval:eval_compare",
     "needle": "mobilellm.commands.needle:needle",
+    "extend-context": "mobilellm.commands.long_context:extend_context",
+    "position-loss": "mobilellm.commands.long_context:position_loss",
+    "retrieval": "mobilellm.commands.long_context:retrieval",
     "lm-eval-hook": "mobilellm.commands.lm_eval_hook:lm_eval_hook",
 }
 

@@ -21,6 +21,17 @@ FineWeb-Edu (general English):
 
     torchrun --nproc-per-node 8 -m mobilellm.cli mix --recipe pro-1b --data SHARDS --tokenizer DIR --parallel ddp
     mobilellm pretrain --recipe pro-1b --teacher DIR --tokenizer DIR --data SHARDS --mix runs/mix/mix.json
+
+Phase 1's checkpoints record a 4,096-token context (the length it trains at); phase 2 extends it.
+
+Phase 2 (context expansion by implicit positional distillation, SPEC.md 2.2): 100k steps, 20B tokens, LR 4e-5,
+the phase-1 mix cut to phase-1-length pieces and packed into long windows, KD from a long-context teacher.
+Not published, chosen here:
+- windows of 65,536 tokens, 3 per step: 196,608 tokens x 100k steps = 19.7B tokens, the nearest whole number of
+  windows to 20B (two full 131,072-token windows would make 26B); the context recorded is the release's 131,072;
+- RoPE theta 500k -> 8M (MobileLLM-R1's final theta, SPEC.md 1): phase-wise RoPE scaling raises it per phase;
+- 1k warmup steps, cosine to 0; one row (64k tokens) per GPU forward with activation checkpointing.
+`mobilellm extend-context PHASE1_CKPT --recipe pro-1b --teacher LONG_CONTEXT_TEACHER --data SHARDS`.
 """
 
 from __future__ import annotations
@@ -40,10 +51,15 @@ SDM_WEIGHTS = {"fineweb-edu": 89.75, "starcoder": 4.66, "openwebmath": 1.92, "ar
                "stackexchange": 1.02, "algebraic-stack": 0.24}
 
 
+PHASE1_SEQ_LEN = 4096
+PHASE2_STEPS, PHASE2_LR, PHASE2_SEQ_LEN, PHASE2_ROWS = 100_000, 4e-5, 65_536, 3
+PHASE2_CONTEXT, PHASE2_THETA = 131_072, 8_000_000.0
+
+
 def pro_1b() -> Recipe:
     return Recipe(
         name="pro-1b",
-        student=ModelConfig.from_name("pro-1b"),
+        student=ModelConfig.from_name("pro-1b").replace(max_seq_len=PHASE1_SEQ_LEN),
         train=TrainConfig(
             steps=STEPS,
             schedule=Schedule(peak_lr=4e-4, total_steps=STEPS, warmup_steps=10_000, decay="cosine", final_lr=0.0),
@@ -56,7 +72,7 @@ def pro_1b() -> Recipe:
             print_every=10,
             peak_flops=H100_BF16_PEAK,
         ),
-        seq_len=4096,
+        seq_len=PHASE1_SEQ_LEN,
         global_batch_rows=512,
         micro_batch_rows=4,
         shards=None,
@@ -87,3 +103,20 @@ def pro_1b_proxy() -> Recipe:
 def pro_1b_sdm() -> MixStage:
     return MixStage(pro_1b_proxy(), Target(domains=("fineweb-edu",), bigbench=SDM_TARGET_TASKS, rows=64),
                     MixConfig(checkpoints=8, probe_rows=64, micro_rows=16))
+
+
+def pro_1b_phase2(init: str, teacher: str | None, shards: str | None, tokenizer: str | None = None) -> Recipe:
+    """Phase 2 of pro-1b from the phase-1 checkpoint `init`, distilled from the long-context `teacher`."""
+    from .phase2 import phase2
+
+    train = TrainConfig(
+        steps=PHASE2_STEPS,
+        schedule=Schedule(peak_lr=PHASE2_LR, total_steps=PHASE2_STEPS, warmup_steps=1000, decay="cosine", final_lr=0.0),
+        optim=OptimConfig(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1),
+        clip_norm=1.0, compile=True, activation_checkpointing=True, save_every=2000, eval_every=1000, print_every=10,
+        peak_flops=H100_BF16_PEAK,
+    )
+    recipe = phase2(init, shards, seq_len=PHASE2_SEQ_LEN, max_seq_len=PHASE2_CONTEXT, rope_theta=PHASE2_THETA,
+                    teacher=teacher, short_doc_tokens=PHASE1_SEQ_LEN, domain_weights=SDM_WEIGHTS,
+                    batch_rows=PHASE2_ROWS, micro_batch_rows=1, tokenizer=tokenizer, train=train)
+    return recipe.replace(name="pro-1b-phase2", val_batches=4)

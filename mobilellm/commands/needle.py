@@ -49,13 +49,18 @@ def needle(checkpoint: Path, *, lengths: str = "256,512,1024,2048", depths: str 
     text = Path(corpus).read_text(encoding="utf-8", errors="replace") if corpus else default_corpus()
     lm = EvalLM.load(checkpoint, dtype=parse_dtype(dtype))
     grid = needle_grid(lm, text, parse_numbers(lengths, int, "--lengths"), parse_numbers(depths, float, "--depths"), trials)
+    report_grid(grid, checkpoint, "needle", out, png, title=f"needle: {Path(checkpoint).name}")
+
+
+def report_grid(grid, checkpoint, key: str, out: Path | None, png: Path | None, title: str, note: str = "") -> None:
+    """Print a depth x length grid, write it as `key` in the results JSON `out` and as a heatmap `png`."""
     print(f"{'depth':>6}  " + "  ".join(f"{n:>6}" for n in grid.lengths))
     for depth, row in zip(grid.depths, grid.accuracy):
         print(f"{depth:>6.0%}  " + "  ".join(f"{v:>6.2f}" for v in row))
-    print(f"mean {grid.to_dict()['mean']:.3f}")
+    print(f"mean {grid.to_dict()['mean']:.3f}{note}")
     if out is not None:
-        save_results({"model": str(checkpoint), "needle": grid.to_dict()}, out)
+        save_results({"model": str(checkpoint), key: grid.to_dict()}, out)
         print(f"results written to {out}")
     if png is not None:
-        save_heatmap(grid, png, title=f"needle: {Path(checkpoint).name}")
+        save_heatmap(grid, png, title=title)
         print(f"heatmap written to {png}")

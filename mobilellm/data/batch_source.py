@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..tokenizer import Tokenizer
-from .mixture import MixtureLoader, validation_batches
+from .mixture import DocLengths, MixtureLoader, validation_batches
+from .packing import PACKINGS
 from .shards import TokenDataset
 
 
@@ -56,14 +57,27 @@ class BatchSource:
 
 @dataclass(frozen=True)
 class TokenShards(BatchSource):
-    """Token shards (`mobilellm tokenize`), domains sampled by weight and packed (`MixtureLoader`)."""
+    """Token shards (`mobilellm tokenize`), domains sampled by weight and packed (`MixtureLoader`).
+
+    `packing`: "documents" (the default: each document attends only to itself, positions restart per document)
+    or "window" (one causal sequence per row, positions continuous across it, attention across documents: how
+    a long-context teacher sees a packed window in positional distillation). `min_doc_tokens` keeps only
+    documents of at least that many tokens (long-document data); `max_doc_tokens` cuts documents into pieces
+    of at most that many, each drawn apart (short-document data).
+    """
 
     folder: str
     domain_weights: dict[str, float] | str | None = None  # None: every domain equally; a str: a mix.json's weights
+    packing: str = "documents"
+    min_doc_tokens: int | None = None
+    max_doc_tokens: int | None = None
 
     def check(self, recipe) -> None:
         if not self.folder:
             raise ValueError(f"recipe {recipe.name!r} needs token shards (--data, made by `mobilellm tokenize`)")
+        if self.packing not in PACKINGS:
+            raise ValueError(f"recipe {recipe.name!r}: packing must be one of {', '.join(PACKINGS)}, got {self.packing!r}")
+        self.lengths()  # refuses non-positive lengths
         self.weights()
 
     def weights(self) -> dict[str, float] | None:
@@ -80,8 +94,14 @@ class TokenShards(BatchSource):
             dataset.check_tokenizer(tokenizer)
         weights = self.weights() or {name: 1.0 for name in dataset.domains}
         processes = dict(rank=layout.rank, world_size=layout.world_size)
+        masked = self.packing == "documents"
         loader = MixtureLoader(dataset, weights, seq_len=layout.seq_len, global_batch_size=layout.global_batch_rows,
-                               grad_accum=layout.grad_accum, seed=layout.seed, **processes)
+                               grad_accum=layout.grad_accum, seed=layout.seed, mask_documents=masked,
+                               lengths=self.lengths(), **processes)
         val = None if val_batches is None else list(validation_batches(
-            dataset, seq_len=layout.seq_len, batch_size=layout.micro_rows, max_batches=val_batches, **processes))
+            dataset, seq_len=layout.seq_len, batch_size=layout.micro_rows, max_batches=val_batches,
+            mask_documents=masked, **processes))
         return BuiltBatches(loader, val, {})
+
+    def lengths(self) -> DocLengths:
+        return DocLengths(self.min_doc_tokens, self.max_doc_tokens)

@@ -20,6 +20,7 @@ import itertools
 import math
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,12 +50,54 @@ def _domain_seed(name: str) -> int:
     return zlib.crc32(name.encode())  # stable across runs, unlike hash()
 
 
+@dataclass(frozen=True)
+class DocLengths:
+    """Which documents a stream draws, by length in tokens: shorter than `min_tokens` dropped (long-document
+    data), longer than `max_tokens` cut into pieces of that many tokens, each drawn as a document of its own
+    (short-document data: phase 2 packs the phase-1-length pieces of unrelated documents into one window)."""
+
+    min_tokens: int | None = None
+    max_tokens: int | None = None
+
+    def __post_init__(self):
+        for name in ("min_tokens", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise DataError(f"{name} must be a positive number of tokens, got {value!r}")
+
+    def setting(self) -> dict:
+        """For a loader's saved setting: empty when every document is drawn whole (the default)."""
+        return {} if self == DocLengths() else {"doc_lengths": [self.min_tokens, self.max_tokens]}
+
+
+class DocumentPieces:
+    """A domain's documents seen through `DocLengths`: piece i is a slice of one stored document."""
+
+    def __init__(self, store: DocumentStore, lengths: DocLengths):
+        self.store = store
+        sizes = np.concatenate([np.diff(o) for o in store.offsets]) if store.offsets else np.zeros(0, np.int64)
+        kept = np.flatnonzero(sizes >= (lengths.min_tokens or 1))
+        step = lengths.max_tokens or max(int(sizes.max(initial=1)), 1)
+        counts = -(-sizes[kept] // step)  # ceil: pieces per kept document
+        self.doc = np.repeat(kept, counts)  # (pieces,)
+        self.start = (np.arange(len(self.doc)) - np.repeat(np.cumsum(counts) - counts, counts)) * step
+        self.end = np.minimum(self.start + step, sizes[self.doc])
+
+    def __len__(self) -> int:
+        return len(self.doc)
+
+    def document(self, index: int) -> np.ndarray:
+        return self.store.document(int(self.doc[index]))[int(self.start[index]):int(self.end[index])]
+
+
 class ShuffledDocuments:
     """One domain's documents in a seeded order that changes every epoch."""
 
-    def __init__(self, store: DocumentStore, name: str, seed: int):
+    def __init__(self, store: DocumentStore | DocumentPieces, name: str, seed: int):
         if len(store) == 0:
-            raise DataError(f"domain {name!r} has no documents in this split")
+            raise DataError(f"domain {name!r} has no documents in this split"
+                            + (" of the requested length (leave it out of the domain weights)"
+                               if isinstance(store, DocumentPieces) else ""))
         self.store, self.key = store, [seed, _domain_seed(name)]
         self._epoch, self._order = -1, None
 
@@ -70,12 +113,18 @@ class ShuffledDocuments:
 class DomainSampler:
     """Draws (domain, document) pairs: the domain by weight, then that domain's next document."""
 
-    def __init__(self, dataset: TokenDataset, weights: dict[str, float], *, seed: int = 0, split: str = "train"):
+    def __init__(self, dataset: TokenDataset, weights: dict[str, float], *, seed: int = 0, split: str = "train",
+                 lengths: DocLengths = DocLengths()):
         self.weights = normalize_weights(weights, dataset.domains)
         self.names = list(self.weights)
         self.probs = np.array([self.weights[n] for n in self.names])
         self.seed = seed
-        self.docs = {n: ShuffledDocuments(dataset.documents(n, split), n, seed) for n in self.names}
+
+        def store(name):
+            whole = dataset.documents(name, split)
+            return whole if lengths == DocLengths() else DocumentPieces(whole, lengths)
+
+        self.docs = {n: ShuffledDocuments(store(n), n, seed) for n in self.names}
         self.draws = 0
         self.drawn = {n: 0 for n in self.names}
         self._block, self._choices = -1, None
@@ -139,13 +188,14 @@ class MixtureLoader:
     next micro-batch, B = global_batch_size / (world_size * grad_accum) rows, so `grad_accum` calls make
     its share of one step. `model(batch["tokens"], batch["positions"], batch["doc_ids"])` gives logits
     whose cross-entropy against batch["targets"] (ignore_index=-100) is the loss.
-    mask_documents=False: see window_example.
+    mask_documents=False: see window_example; `lengths`: which documents are drawn (see DocLengths).
     """
 
     def __init__(self, dataset: TokenDataset, weights: dict[str, float], *, seq_len: int, global_batch_size: int,
-                 grad_accum: int = 1, seed: int = 0, rank: int = 0, world_size: int = 1, mask_documents: bool = True):
+                 grad_accum: int = 1, seed: int = 0, rank: int = 0, world_size: int = 1, mask_documents: bool = True,
+                 lengths: DocLengths = DocLengths()):
         check_layout(global_batch_size, grad_accum, rank, world_size)
-        self.sampler = DomainSampler(dataset, weights, seed=seed)
+        self.sampler = DomainSampler(dataset, weights, seed=seed, lengths=lengths)
         self.packer = Packer(seq_len)
         self.global_batch_size, self.grad_accum = global_batch_size, grad_accum
         self.rank, self.world_size = rank, world_size
@@ -156,7 +206,7 @@ class MixtureLoader:
         self._rows: list[dict[str, np.ndarray]] | None = None  # this process's rows of the current global batch
         self._batch_start: dict | None = None  # stream position where the current global batch began
         self.setting = {"seq_len": seq_len, "seed": seed, "weights": self.sampler.weights,
-                        "mask_documents": mask_documents}
+                        "mask_documents": mask_documents, **lengths.setting()}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self

@@ -17,6 +17,9 @@ import torch
 
 IGNORE_INDEX = -100
 PAD = -1  # marks filler tokens in a window (the end of a finite stream): never a target
+# How documents share a row: "documents" masks each to itself (window_example's default), "window" makes the
+# row one causal sequence (mask_documents=False).
+PACKINGS = ("documents", "window")
 
 
 def window_example(segments: list[np.ndarray], mask_documents: bool = True) -> dict[str, np.ndarray]:

@@ -179,8 +179,15 @@ def kl_top_k(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
     Renormalised: KL(q || p_s) with q = p_t[top-k] / sum p_t[top-k], zero elsewhere.
     Tail bucket: a (k+1)-way KL, the (k+1)-th outcome being "any other token" for both teacher and student.
     """
-    log_s = F.log_softmax(student_logits / temperature, dim=-1)  # (n, V)
     top_log_t, ids = F.log_softmax(teacher_logits.float() / temperature, dim=-1).topk(k, dim=-1)  # (n, k)
+    return kl_sparse(student_logits, top_log_t, ids, temperature, tail_bucket)
+
+
+def kl_sparse(student_logits: torch.Tensor, top_log_t: torch.Tensor, ids: torch.Tensor, temperature: float,
+              tail_bucket: bool) -> torch.Tensor:
+    """`kl_top_k` from the teacher's top-k log-probabilities (n, k) at `temperature` and their token ids (n, k),
+    e.g. read from a cache (`mobilellm.train.teacher_cache`)."""
+    log_s = F.log_softmax(student_logits / temperature, dim=-1)  # (n, V)
     top_log_s = log_s.gather(-1, ids)
     if not tail_bucket:
         log_q = top_log_t - top_log_t.logsumexp(-1, keepdim=True)
@@ -220,18 +227,24 @@ class Distillation(Loss):
     top_k: int | None = None
     tail_bucket: bool = False
     chunk_size: int | None = None
+    cache: object | None = None  # a TopKCache of this teacher's top-k: computed once per window, then read
 
     def __post_init__(self):
         if not 0.0 <= self.ce_weight <= 1.0:
             raise ValueError(f"ce_weight must be in [0, 1], got {self.ce_weight}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.cache is not None and (self.top_k != self.cache.k or self.temperature != self.cache.temperature):
+            raise ValueError(f"the teacher cache holds top-{self.cache.k} at temperature {self.cache.temperature}, "
+                             f"not top_k {self.top_k} at {self.temperature}")
 
     def __call__(self, model, batch):
         t_vocab, s_vocab = self.teacher.config.vocab_size, model.config.vocab_size
         if t_vocab != s_vocab:
             raise ValueError(f"teacher vocab {t_vocab} differs from student vocab {s_vocab}")
         hidden, targets = target_rows(model, batch)
+        if self.cache is not None:
+            return self._cached(model, batch, hidden, targets)
         with torch.no_grad():
             t_hidden, _ = target_rows(self.teacher, batch)  # (N, D_teacher)
 
@@ -256,3 +269,17 @@ class Distillation(Loss):
 
         chunk_loss = full_loss if self.top_k is None else with_autograd(top_k_loss)
         return head_loss(model.lm_head, hidden, chunk_loss, self.chunk_size)
+
+    def _cached(self, model, batch, hidden, targets):
+        top_log_t, ids = self.cache.lookup(batch)  # (B, T, k) each
+        keep = batch["targets"] != IGNORE_INDEX
+        top_log_t, ids = top_log_t[keep], ids[keep]  # (N, k)
+
+        def loss(logits, rows):
+            kd = kl_sparse(logits, top_log_t[rows], ids[rows], self.temperature, self.tail_bucket)
+            if self.ce_weight == 0:
+                return kd
+            ce = F.cross_entropy(logits, targets[rows], reduction="sum")
+            return self.ce_weight * ce + (1 - self.ce_weight) * kd
+
+        return head_loss(model.lm_head, hidden, with_autograd(loss), self.chunk_size)

@@ -17,6 +17,7 @@ from torch import nn
 from .losses import CrossEntropy, Distillation, Loss
 from .preference import PreferenceLoss, cached_reference
 from .teacher import frozen_copy, load_teacher
+from .teacher_cache import TopKCache, teacher_identity
 
 
 @dataclass
@@ -27,6 +28,7 @@ class StageContext:
     batches: object | None = None  # the run's training batch source (e.g. to precompute per-example values)
     run_dir: Path | None = None  # where the run keeps its files (checkpoints, caches)
     parallel: object | None = None  # the run's processes (mobilellm.train.distributed)
+    seq_len: int | None = None  # the training window: a teacher's context must hold it
 
     @property
     def dtype(self) -> torch.dtype:
@@ -60,15 +62,24 @@ class KD(Objective):
     temperature: float = 1.0
     ce_weight: float = 0.0
     top_k: int | None = None
+    cache: str | None = None  # folder of cached top-k teacher log-probs (needs top_k): the teacher runs once per window
 
     def check(self, recipe_name: str) -> None:
         if not self.teacher:
             raise ValueError(f"recipe {recipe_name!r} distills: give a teacher checkpoint folder (--teacher)")
+        if self.cache and not self.top_k:
+            raise ValueError(f"recipe {recipe_name!r}: a teacher cache holds the teacher's top-k log-probs; set top_k "
+                             "(the full distribution is recomputed, not cached)")
 
     def __call__(self, context: StageContext) -> Loss:
         teacher = load_teacher(self.teacher, context.model.config, context.tokenizer, dtype=context.dtype,
-                               device=context.device)
-        return Distillation(teacher, temperature=self.temperature, ce_weight=self.ce_weight, top_k=self.top_k)
+                               device=context.device, seq_len=context.seq_len)
+        cache = None
+        if self.cache:
+            identity = teacher_identity(self.teacher, teacher, context.dtype)
+            cache = TopKCache(self.cache, teacher, self.top_k, self.temperature, identity)
+        return Distillation(teacher, temperature=self.temperature, ce_weight=self.ce_weight, top_k=self.top_k,
+                            cache=cache)
 
 
 @dataclass(frozen=True)

@@ -161,6 +161,10 @@ def run_recipe(recipe: Recipe, out: str | Path, *, resume: bool = False, paralle
     if recipe.init is not None:
         recipe = recipe.replace(init=str(resolve_checkpoint(recipe.init)))
     model = start_model(recipe)
+    if recipe.seq_len > model.config.max_seq_len:
+        raise ValueError(f"recipe {recipe.name!r} trains on {recipe.seq_len:,}-token windows, past the model's "
+                         f"{model.config.max_seq_len:,}-token context: raise max_seq_len (config_changes; phase 2 "
+                         "extends it with mobilellm.train.context.context_extension)")
     tokenizer = recipe.tokenizer_folder()
     # One global stream: every step takes the next global batch, whatever the number of processes.
     layout = BatchLayout(recipe.seq_len, recipe.global_batch_rows, grad_accum, micro_rows, parallel.rank,
@@ -175,7 +179,8 @@ def run_recipe(recipe: Recipe, out: str | Path, *, resume: bool = False, paralle
             write_json_atomic(out / DATA_REPORT, batches.report)
             print("data: " + ", ".join(f"{key} {value:,}" if isinstance(value, int) else f"{key} {value}"
                                        for key, value in batches.report.items()), flush=True)
-    loss = recipe.objective(StageContext(model, tokenizer, parallel.device, batches.train, out, parallel))
+    loss = recipe.objective(StageContext(model, tokenizer, parallel.device, batches.train, out, parallel,
+                                         recipe.seq_len))
     return train(model, batches.train, loss, dataclasses.replace(recipe.train, grad_accum=grad_accum), out,
                  transforms=recipe.transforms, val_batches=batches.validation, parallel=parallel, resume=resume,
                  hooks=hooks, extra_files=tokenizer_files(tokenizer))

@@ -34,13 +34,19 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return freeze(copy.deepcopy(model))
 
 
-def check_compatible(teacher_dir: str | Path, student: ModelConfig, student_tokenizer: str | Path | None) -> None:
-    """Same vocabulary size, and the same tokenizer when both folders hold a tokenizer.json."""
+def check_compatible(teacher_dir: str | Path, student: ModelConfig, student_tokenizer: str | Path | None,
+                     seq_len: int | None = None) -> None:
+    """Same vocabulary size, the same tokenizer when both folders hold a tokenizer.json, and a context that
+    holds the training window (`seq_len`): past its context a teacher teaches positions it never learned."""
     teacher_dir = Path(teacher_dir)
     t_config = read_config(teacher_dir)
     if t_config.vocab_size != student.vocab_size:
         raise TeacherError(f"teacher {teacher_dir} has vocab {t_config.vocab_size:,} but the student "
                            f"({student.name}) has {student.vocab_size:,}: KD needs a shared tokenizer")
+    if seq_len is not None and seq_len > t_config.max_seq_len:
+        raise TeacherError(f"training windows of {seq_len:,} tokens are longer than the teacher's context "
+                           f"({teacher_dir}: {t_config.max_seq_len:,} tokens): distill from a long-context teacher "
+                           "or shorten the windows")
     if student_tokenizer is None:
         return
     student_tokenizer = Path(student_tokenizer)
@@ -55,7 +61,7 @@ def check_compatible(teacher_dir: str | Path, student: ModelConfig, student_toke
 
 
 def load_teacher(folder: str | Path, student: ModelConfig, student_tokenizer: str | Path | None = None,
-                 dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
-    """Load, check against the student, and freeze a teacher."""
-    check_compatible(folder, student, student_tokenizer)
+                 dtype: torch.dtype = torch.float32, device="cpu", seq_len: int | None = None) -> nn.Module:
+    """Load, check against the student (and the training window, when given), and freeze a teacher."""
+    check_compatible(folder, student, student_tokenizer, seq_len)
     return freeze(load_pretrained(folder, dtype=dtype, device=device))
