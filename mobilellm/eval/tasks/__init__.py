@@ -20,8 +20,9 @@ def _files(task: str, *originals: str) -> tuple[str, ...]:
     return (f"{task}.jsonl", *originals)
 
 
-def _mc(name, description, load, files, train, main_metric="acc_norm"):
-    return Task(name, description, load, evaluate_multiple_choice, files, main_metric, fewshot_files=train)
+def _mc(name, description, load, files, train, main_metric="acc_norm", has_test_split=False):
+    return Task(name, description, load, evaluate_multiple_choice, files, main_metric, fewshot_files=train,
+                fewshot=FewShot(draws_one_more=not has_test_split))
 
 
 TASKS: dict[str, Task] = {t.name: t for t in [
@@ -33,13 +34,13 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     _mc("social_iqa", "SocialIQA", standard.load_siqa, _files("social_iqa", "social_iqa/dev.jsonl"),
         _files("social_iqa_train", "social_iqa/train.jsonl"), "acc"),
     _mc("arc_easy", "ARC-Easy", standard.load_arc, _files("arc_easy", "arc_easy/ARC-Easy-Test.jsonl"),
-        _files("arc_easy_train", "arc_easy/ARC-Easy-Train.jsonl")),
+        _files("arc_easy_train", "arc_easy/ARC-Easy-Train.jsonl"), has_test_split=True),
     _mc("arc_challenge", "ARC-Challenge", standard.load_arc, _files("arc_challenge", "arc_challenge/ARC-Challenge-Test.jsonl"),
-        _files("arc_challenge_train", "arc_challenge/ARC-Challenge-Train.jsonl")),
+        _files("arc_challenge_train", "arc_challenge/ARC-Challenge-Train.jsonl"), has_test_split=True),
     _mc("winogrande", "WinoGrande (partial scoring)", standard.load_winogrande, _files("winogrande", "winogrande/dev.jsonl"),
         _files("winogrande_train", "winogrande/train_xl.jsonl"), "acc"),
     _mc("openbookqa", "OpenBookQA", standard.load_openbookqa, _files("openbookqa", "openbookqa/test.jsonl"),
-        _files("openbookqa_train", "openbookqa/train.jsonl")),
+        _files("openbookqa_train", "openbookqa/train.jsonl"), has_test_split=True),
     Task("triviaqa", "TriviaQA, no context, exact match", standard.load_triviaqa,
          exact_match_evaluator(standard.TRIVIAQA_MATCH), _files("triviaqa", "triviaqa/verified-web-dev.json"), "exact_match",
          fewshot_files=_files("triviaqa_train", "triviaqa/unfiltered-web-train.json")),

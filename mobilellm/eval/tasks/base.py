@@ -76,6 +76,9 @@ class FewShot:
     `delimiter`, then the item (items of tasks with a description start with it; it is moved to the front)."""
     delimiter: str = "\n\n"
     description: str = ""
+    # lm-eval hands the evaluated document to its sampler (which then draws k + 1 and drops it) when the task's
+    # few-shot split equals its test split, None == None included: so for every task without a test split.
+    draws_one_more: bool = True
 
 
 @dataclass(frozen=True)
