@@ -25,6 +25,7 @@ metric needing its own model) and the calibration metrics are not computed; resu
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import math
 import re
@@ -77,7 +78,7 @@ def split_name(name: str) -> tuple[str, str | None]:
     task, _, subtask = name.partition(":")
     index = task_index()
     if task not in index:
-        close = [t for t in index if task in t or t in task][:5]
+        close = difflib.get_close_matches(task, list(index), n=5)
         hint = f" (close: {', '.join(close)})" if close else ""
         raise DataError(f"BIG-bench has no JSON task named {task!r}{hint}; `mobilellm eval --list-tasks` lists them")
     if subtask and subtask not in index[task]["subtasks"]:
