@@ -135,7 +135,7 @@ def test_a_real_tiny_model_through_mc_and_generative_tasks(tmp_path):
     mc = evaluate_bigbench(lm, load_bigbench("toy_task", root=ROOT, num_fewshot=0))
     assert set(mc.metrics) >= {"multiple_choice_grade", "acc", "acc_norm"}
     assert all(s["multiple_choice_grade"] == s["acc"] for s in mc.samples)  # 0/1 scores: the same thing
-    items = load_bigbench("toy_generate", root=ROOT, num_fewshot=1)[:2]
+    items = load_bigbench("toy_generate", root=ROOT, num_fewshot=1)[:1]  # a random model talks to 256 tokens
     gen = evaluate_bigbench(lm, items)
     for sample, item in zip(gen.samples, items):
         assert sample["exact_str_match"] == float(sample["prediction"] in item.targets)

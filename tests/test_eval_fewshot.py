@@ -61,59 +61,71 @@ def test_winogrande_shot_is_the_gold_option_and_nq_keeps_its_description_first(t
                             "Q: when was the last time anyone was on the moon?\nA:")
 
 
-# ---- against lm-eval ------------------------------------------------------------------------------------------
+# ---- against lm-eval: one TaskManager (indexing lm-eval's task folder is the slow part) over all cases --------
 
-def lm_eval_requests(tmp_path: Path, base_yaml: str, name: str, files: dict, extra: str = "", k: int = 2, seed: int = 1234):
+NQ_ROWS = [{"question": f"question {i}", "answer": [f"answer {i}", "other"]} for i in range(6)]
+
+
+def wino_train_rows() -> list[dict]:
+    rows = [json.loads(line) for line in (FIXTURES / "winogrande.jsonl").read_text().splitlines()]
+    return [{**r, "qID": f"{i}", "sentence": r["sentence"].replace("cases", f"cases {i}")} for i, r in enumerate(rows * 3)]
+
+
+CASES = {  # name: (lm-eval's yaml, our task, {split: (file, rows)}, extra yaml)
+    "fs_arc": ("arc/arc_easy.yaml", "arc_easy", {"train": ("arc_easy_train.jsonl", arc_rows(9, "train")),
+                                                 "test": ("arc_easy.jsonl", arc_rows(4, "test"))}, ""),
+    "fs_arc_self": ("arc/arc_easy.yaml", "arc_easy", {"test": ("arc_easy.jsonl", arc_rows(6, "test"))},
+                    "training_split: null\nvalidation_split: null\nfewshot_split: test\n"),
+    "fs_wino": ("winogrande/default.yaml", "winogrande", {"train": ("winogrande_train.jsonl", wino_train_rows()),
+                                                         "validation": ("winogrande.jsonl", None)}, ""),
+    "fs_nq": ("nq_open/nq_open.yaml", "nq_open", {"train": ("nq_open_train.jsonl", NQ_ROWS),
+                                                  "validation": ("nq_open.jsonl", None)}, ""),
+}
+
+
+@pytest.fixture(scope="module")
+def lm_eval_cases(tmp_path_factory):
+    """(TaskManager, {case: data folder}) with every case's data written and its task YAML included."""
     pytest.importorskip("lm_eval")
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    tasks_dir = tmp_path / f"lm_eval_{name}"
-    tasks_dir.mkdir()
-    data_files = "".join(f"    {split}: {path}\n" for split, path in files.items())
-    (tasks_dir / f"{name}.yaml").write_text(
-        f"include: {Path(lm_eval.__file__).parent / 'tasks' / base_yaml}\ntask: {name}\ndataset_path: json\n"
-        f"dataset_name: null\ndataset_kwargs:\n  data_files:\n{data_files}{extra}")
-    task = TaskManager(include_path=str(tasks_dir)).load_task_or_group([name])[name]
+    root = tmp_path_factory.mktemp("lm_eval_fewshot")
+    (root / "yaml").mkdir()
+    folders = {}
+    for name, (base_yaml, _, splits, extra) in CASES.items():
+        folder = folders[name] = root / name
+        folder.mkdir()
+        data_files = ""
+        for split, (file, rows) in splits.items():
+            path = write_jsonl(folder / file, rows) if rows else shutil.copy(FIXTURES / file, folder / file)
+            data_files += f"    {split}: {path}\n"
+        (root / "yaml" / f"{name}.yaml").write_text(
+            f"include: {Path(lm_eval.__file__).parent / 'tasks' / base_yaml}\ntask: {name}\ndataset_path: json\n"
+            f"dataset_name: null\ndataset_kwargs:\n  data_files:\n{data_files}{extra}")
+    return TaskManager(include_path=str(root / "yaml")), folders
+
+
+def lm_eval_requests(manager, name: str, k: int, seed: int) -> list:
+    task = manager.load_task_or_group([name])[name]
     task.set_config("num_fewshot", k)
     task.set_fewshot_seed(seed)
     task.build_all_requests(rank=0, world_size=1)
-    return [inst.args for inst in task.instances]
+    return [inst.args if task.OUTPUT_TYPE != "generate_until" else inst.args[0] for inst in task.instances]
 
 
-def our_requests(items) -> list[tuple]:
+def our_requests(items) -> list:
     if hasattr(items[0], "requests"):
         return [r for item in items for r in item.requests()]
     return [item.prompt for item in items]
 
 
-@pytest.mark.parametrize("k,seed", [(1, 1234), (3, 7)])
-def test_arc_shots_from_the_training_file_equal_lm_evals(tmp_path, k, seed):
-    test = write_jsonl(tmp_path / "arc_easy.jsonl", arc_rows(4, "test"))
-    train = write_jsonl(tmp_path / "arc_easy_train.jsonl", arc_rows(9, "train"))
-    theirs = lm_eval_requests(tmp_path, "arc/arc_easy.yaml", "fs_arc", {"train": train, "test": test}, k=k, seed=seed)
-    ours = get_task("arc_easy").items(tmp_path, num_fewshot=k, seed=seed)
-    assert our_requests(ours) == theirs
-
-
-def test_shots_from_the_evaluated_split_equal_lm_evals_with_fewshot_split_test(tmp_path):
-    test = write_jsonl(tmp_path / "arc_easy.jsonl", arc_rows(6, "test"))
-    theirs = lm_eval_requests(tmp_path, "arc/arc_easy.yaml", "fs_arc_self", {"test": test},
-                              extra="training_split: null\nvalidation_split: null\nfewshot_split: test\n")
-    assert our_requests(get_task("arc_easy").items(tmp_path, num_fewshot=2)) == theirs
-
-
-def test_winogrande_and_nq_open_shots_equal_lm_evals(tmp_path):
-    wino_rows = [json.loads(line) for line in (FIXTURES / "winogrande.jsonl").read_text().splitlines()]
-    train = write_jsonl(tmp_path / "winogrande_train.jsonl",
-                        [{**r, "qID": f"{i}", "sentence": r["sentence"].replace("cases", f"cases {i}")}
-                         for i, r in enumerate(wino_rows * 3)])
-    test = shutil.copy(FIXTURES / "winogrande.jsonl", tmp_path / "winogrande.jsonl")
-    theirs = lm_eval_requests(tmp_path, "winogrande/default.yaml", "fs_wino", {"train": train, "validation": test})
-    assert our_requests(get_task("winogrande").items(tmp_path, num_fewshot=2)) == theirs
-
-    nq_rows = [{"question": f"question {i}", "answer": [f"answer {i}", "other"]} for i in range(6)]
-    train = write_jsonl(tmp_path / "nq_open_train.jsonl", nq_rows)
-    test = shutil.copy(FIXTURES / "nq_open.jsonl", tmp_path / "nq_open.jsonl")
-    theirs = lm_eval_requests(tmp_path, "nq_open/nq_open.yaml", "fs_nq", {"train": train, "validation": test})
-    assert our_requests(get_task("nq_open").items(tmp_path, num_fewshot=2)) == [ctx for ctx, _ in theirs]
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("case,k,seed", [("fs_arc", 1, 1234), ("fs_arc", 3, 7), ("fs_arc_self", 2, 1234),
+                                         ("fs_wino", 2, 1234), ("fs_nq", 2, 1234)])
+def test_our_few_shot_requests_equal_lm_evals(lm_eval_cases, case, k, seed):
+    """Shots from the training file (ARC, WinoGrande's per-option contexts, NQ's description and "\\n" delimiter),
+    and from the evaluated split itself (lm-eval with fewshot_split: test)."""
+    manager, folders = lm_eval_cases
+    ours = get_task(CASES[case][1]).items(folders[case], num_fewshot=k, seed=seed)
+    assert our_requests(ours) == lm_eval_requests(manager, case, k, seed)

@@ -16,8 +16,6 @@ from collections.abc import Sequence
 
 from ..errors import DataError
 
-DEFAULT_SEED = 1234  # lm-eval's fewshot_random_seed
-
 
 def draw_shots(rnd: random.Random, item, pool: Sequence, k: int, pass_item: bool) -> list:
     """lm-eval's `ContextSampler.sample(k, eval_doc=item if pass_item else None)`."""

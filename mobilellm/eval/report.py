@@ -53,7 +53,8 @@ def run_tasks(lm, task_names: list[str], *, data_dir: Path | None = None, limit:
         corpus = {m: key for m, key in task.corpus_metrics.items() if m in result.metrics}
         results[task.name] = {"metrics": result.metrics, "stderr": metric_stderrs(result.metrics, result.samples, corpus),
                               "main_metric": task.main_metric, "n": len(items), "num_fewshot": num_fewshot,
-                              "fewshot_seed": fewshot_seed, "corpus_metrics": corpus,
+                              "fewshot_seed": task.default_fewshot_seed if fewshot_seed is None else fewshot_seed,
+                              "corpus_metrics": corpus,
                               "seconds": round(seconds, 1), "samples": result.samples}
         if task.name.startswith("bigbench_"):
             results[task.name]["unsupported_metrics"] = unsupported_metrics(task.name.removeprefix("bigbench_"))

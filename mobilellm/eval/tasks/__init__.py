@@ -60,9 +60,8 @@ def bigbench_task(name: str) -> Task:
     bigbench.split_name(name)  # unknown names fail here, before any download
     return Task(BIGBENCH_PREFIX + name, f"BIG-bench {name}", lambda _path: bigbench.load_bigbench(name),
                 bigbench.evaluate_bigbench, (), bigbench.main_metric(name), fewshot=None,
-                load_with_shots=lambda k, seed: bigbench.load_bigbench(name, num_fewshot=k,
-                                                                      seed=bigbench.FORMAT_SEED if seed is None else seed),
-                corpus_metrics=dict(bigbench.CORPUS_METRICS))
+                load_with_shots=lambda k, seed: bigbench.load_bigbench(name, num_fewshot=k, seed=seed),
+                default_fewshot_seed=bigbench.FORMAT_SEED, corpus_metrics=dict(bigbench.CORPUS_METRICS))
 
 
 def get_task(name: str) -> Task:

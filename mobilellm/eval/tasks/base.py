@@ -98,7 +98,8 @@ class Task:
     fewshot_files: tuple[str, ...] = ()  # the training split lm-eval draws shots from, when present
     fewshot: FewShot | None = FewShot()  # None: the task takes no shots
     # tasks formatting their own shots (BIG-bench): (num_fewshot, seed) -> items
-    load_with_shots: Callable[[int, int | None], list] | None = None
+    load_with_shots: Callable[[int, int], list] | None = None
+    default_fewshot_seed: int = 1234  # lm-eval's fewshot_random_seed; BIG-bench tasks use BIG-bench's 42
     corpus_metrics: dict[str, str] = dataclasses.field(default_factory=dict)  # metric -> per-item stats it sums
 
     def find_file(self, data_dir: Path | None) -> Path | None:
@@ -120,6 +121,7 @@ class Task:
         """
         if num_fewshot < 0:
             raise ValueError(f"--num-fewshot must be >= 0, got {num_fewshot}")
+        seed = self.default_fewshot_seed if seed is None else seed
         if self.load_with_shots is not None:
             items = self.load_with_shots(num_fewshot, seed)
             return items[:limit] if limit else items
@@ -129,12 +131,11 @@ class Task:
             return items
         if self.fewshot is None:
             raise DataError(f"task {self.name} takes no few-shot examples")
-        from ..fewshot import DEFAULT_SEED, add_shots
+        from ..fewshot import add_shots
 
         train = next((Path(data_dir) / f for f in self.fewshot_files if data_dir and (Path(data_dir) / f).exists()), None)
         pool = self.load(train) if train else every
-        return add_shots(items, pool, num_fewshot, DEFAULT_SEED if seed is None else seed, self.fewshot,
-                         exclude_self=train is None)
+        return add_shots(items, pool, num_fewshot, seed, self.fewshot, exclude_self=train is None)
 
 
 def evaluate_multiple_choice(lm, items: Sequence[MultipleChoiceItem]) -> TaskResult:
