@@ -109,7 +109,12 @@ def fetch_bigbench(names: list[str]) -> Path:
     return root
 
 
-def task_jsons(name: str, root: Path | None = None) -> list[tuple[str, dict]]:
+def task_jsons(name: str, root: Path | None = None) -> list[dict]:
+    """A task's JSON, then its subtasks' in order (elementary_math_qa is split into subtasks)."""
+    return [task for _, task in named_task_jsons(name, root)]
+
+
+def named_task_jsons(name: str, root: Path | None = None) -> list[tuple[str, dict]]:
     """(full name, JSON) of a task, then of its subtasks in order (as BIG-bench sorts them)."""
     folder = (root or fetch_bigbench([name])) / name
     if not (folder / "task.json").exists():
@@ -228,7 +233,7 @@ def load_bigbench(name: str, root: Path | None = None, num_fewshot: int = 0,
     """Every example of a task (and its subtasks), or of one subtask when name is "task:subtask"."""
     task_name, subtask = name.partition(":")[0], name.partition(":")[2] or None
     items = []
-    for full_name, task in task_jsons(task_name, root):
+    for full_name, task in named_task_jsons(task_name, root):
         if subtask and full_name != name:
             continue
         examples = unique_examples(task)
