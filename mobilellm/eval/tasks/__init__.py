@@ -14,6 +14,9 @@ from .humaneval import evaluate_humaneval, load_humaneval
 from .perplexity import evaluate_perplexity, load_texts
 
 BIGBENCH_PREFIX = "bigbench_"
+# The BIG-bench tasks this project reports its models on (any JSON task can be evaluated); instruction data
+# leaves them out (data/instructions.py).
+BIGBENCH_TASKS = ("social_iqa", "winowhy", "strategyqa", "elementary_math_qa")
 
 
 def _files(task: str, *originals: str) -> tuple[str, ...]:
@@ -83,4 +86,4 @@ def list_tasks() -> list[tuple[str, str]]:
     return rows
 
 
-__all__ = ["TASKS", "DataError", "Task", "bigbench_task", "get_task", "list_tasks"]
+__all__ = ["BIGBENCH_TASKS", "TASKS", "DataError", "Task", "bigbench_task", "get_task", "list_tasks"]
