@@ -87,7 +87,7 @@ def test_rolling_loglikelihood_with_a_full_window_is_the_full_forward(lm):
 def test_acc_norm_divides_by_choice_length():
     # The long choice has the highest total log-likelihood but the lowest per character.
     scores = metrics.multiple_choice([-10.0, -4.0], ["a much longer answer", "no"], gold=[0])
-    assert scores == {"acc": 0.0, "acc_norm": 1.0}
+    assert scores == {"acc": 0.0, "acc_norm": 1.0, "choice": 1}
 
 
 def test_exact_match_normalisation_follows_lm_eval():

@@ -5,6 +5,8 @@ import json
 import pytest
 
 from mobilellm.cli import main
+from mobilellm.hf import read_config
+from mobilellm.model import build_model
 from mobilellm.eval.lm import EvalLM
 from mobilellm.eval.report import compare_table, load_results, run_tasks
 from mobilellm.eval.tasks import TASKS, get_task, standard
@@ -115,7 +117,8 @@ def test_eval_command_writes_results_and_compare_shows_differences(checkpoint, t
     assert a["tasks"]["boolq"]["n"] == 2 and a["model"]["dtype"] == "float32" and b["model"]["dtype"] == "bfloat16"
     assert main(["eval-compare", str(out_a), str(out_b)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["task", "metric", "a", "b", "diff", "n"] and len(lines) == 2 + 4
+    assert lines[0].split() == ["task", "metric", "a", "b", "diff", "stderr", "95%", "interval", "changed", "n",
+                                "verdict"] and len(lines) == 2 + 4
     assert "+" in lines[2] or "-" in lines[2]
     b["tasks"] = {"other": b["tasks"]["boolq"]}
     with pytest.raises(ValueError, match="share no task"):
@@ -142,6 +145,12 @@ def test_full_precision_vs_int4_through_the_cli(checkpoint, tmp_path, capsys):
     assert main(["eval", str(int4), *args, "--tokenizer", str(checkpoint), "--out", str(tmp_path / "int4.json")]) == 0
     assert main(["eval", str(checkpoint), *args, "--out", str(tmp_path / "fp32.json")]) == 0
     fp, q = load_results(tmp_path / "fp32.json"), load_results(tmp_path / "int4.json")
+    # the int4 model's metadata: its parameter count from its config (packed weights counted), scheme, size on disk
+    assert q["model"]["parameters"] == fp["model"]["parameters"] == build_model(read_config(checkpoint), device="meta").num_parameters()
+    assert q["model"]["scheme"] == "cpu" and q["model"]["quantization"]["group_size"] == 32
+    assert fp["model"]["scheme"] == "float32" and fp["model"]["quantization"] is None
+    assert 0 < q["model"]["size_on_disk_bytes"] < fp["model"]["size_on_disk_bytes"]
+    assert fp["model"]["size_on_disk_bytes"] == (checkpoint / "model.safetensors").stat().st_size
     lls_fp = fp["tasks"]["hellaswag"]["samples"][0]["logliks"]
     lls_q = q["tasks"]["hellaswag"]["samples"][0]["logliks"]
     assert lls_fp != lls_q and lls_fp == pytest.approx(lls_q, rel=0.2)  # quantized, yet the same model

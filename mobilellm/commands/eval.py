@@ -6,7 +6,8 @@ from pathlib import Path
 
 from ..eval.lm import EvalLM, parse_dtype
 from ..eval.report import compare_table, load_results, results_table, run_tasks, save_results
-from ..eval.tasks import TASKS
+from ..eval.tasks import get_task, list_tasks as task_list
+
 
 def split_names(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -15,31 +16,45 @@ def split_names(text: str) -> list[str]:
     return names
 
 
-def run_eval(checkpoint: Path, *, tasks: str, limit: int | None = None, out: Path | None = None,
+def run_eval(checkpoint: Path | None = None, *, tasks: str | None = None, limit: int | None = None,
+             num_fewshot: int = 0, fewshot_seed: int | None = None, out: Path | None = None,
              data_dir: Path | None = None, tokenizer: Path | None = None, dtype: str = "float32",
-             batch_tokens: int = 2048) -> None:
-    """Evaluate a checkpoint on benchmark tasks; print a table and write the results as JSON.
+             batch_tokens: int = 2048, list_tasks: bool = False) -> None:
+    """Evaluate a checkpoint on benchmark tasks; print a table (each metric with its standard error) and write
+    the results as JSON.
 
     Tasks: hellaswag, boolq, piqa, social_iqa, arc_easy, arc_challenge, winogrande, openbookqa
     (multiple choice, acc and acc_norm), triviaqa, nq_open (exact match), perplexity, humaneval
-    (pass@1), bigbench_social_iqa, bigbench_winowhy, bigbench_strategyqa, bigbench_elementary_math_qa.
+    (pass@1), and every BIG-bench JSON task as bigbench_<task> or bigbench_<task>:<subtask>
+    (multiple choice by log-likelihood, generative tasks by their own metrics). --list-tasks prints them all.
 
     Args:
         checkpoint: checkpoint folder, full precision or quantized (mobilellm quantize)
         tasks: comma-separated task names
         limit: evaluate only the first N items of each task
+        num_fewshot: solved examples before each item: BIG-bench draws them from the (sub)task as BIG-bench
+            does, the other tasks as lm-eval does (from <task>_train.jsonl in --data-dir, else from the task's
+            own items); never the item itself
+        fewshot_seed: seed of the shots (default: BIG-bench's 42, lm-eval's 1234)
         out: results JSON to write
         data_dir: folder with the local task files (<task>.jsonl or the original release's files)
         tokenizer: folder with tokenizer.json when the checkpoint has none (a quantized one)
         dtype: float32 or bfloat16
         batch_tokens: tokens per scoring batch (memory vs speed)
+        list_tasks: print every task name and what it is, then exit
     """
+    if list_tasks:
+        rows = task_list()
+        width = min(max(len(name) for name, _ in rows), 48)
+        print("\n".join(f"{name.ljust(width)}  {text}" for name, text in rows))
+        return
+    if checkpoint is None or not tasks:
+        raise ValueError("give a checkpoint and --tasks (or --list-tasks)")
     names = split_names(tasks)
-    unknown = [n for n in names if n not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
+    for name in names:
+        get_task(name)  # unknown names fail before the model loads
     lm = EvalLM.load(checkpoint, dtype=parse_dtype(dtype), tokenizer=tokenizer, batch_tokens=batch_tokens)
-    results = run_tasks(lm, names, data_dir=data_dir, limit=limit)
+    results = run_tasks(lm, names, data_dir=data_dir, limit=limit, num_fewshot=num_fewshot, fewshot_seed=fewshot_seed)
     print(results_table(results))
     if out is not None:
         save_results(results, out)
@@ -47,7 +62,11 @@ def run_eval(checkpoint: Path, *, tasks: str, limit: int | None = None, out: Pat
 
 
 def eval_compare(a: Path, b: Path) -> None:
-    """Compare two `mobilellm eval` result files (e.g. full precision vs int4): each metric and B - A.
+    """Compare two `mobilellm eval` result files (e.g. full precision vs int4) item by item.
+
+    For each metric: both values, the difference B - A with its standard error and 95% interval (paired on the
+    same items: per-item differences, or a paired bootstrap for BLEU and perplexity), the number of items whose
+    answer changed, and a verdict: "within noise" when the interval holds 0.
 
     Args:
         a: the reference results JSON

@@ -7,7 +7,7 @@ so scores are comparable with lm-eval's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -28,6 +28,8 @@ class EvalLM:
         self.progress = progress
         self.max_len = model.config.max_seq_len
         self.checkpoint: str | None = None
+        self.source: Path | None = None  # the resolved folder or .gguf file, when loaded from one
+        self.quant = None  # the QuantConfig of a quantized checkpoint
 
     @classmethod
     def load(cls, checkpoint: str | Path, dtype: torch.dtype = torch.float32, tokenizer: str | Path | None = None,
@@ -35,7 +37,7 @@ class EvalLM:
         """A checkpoint folder, full precision or quantized; its tokenizer.json, or the one in `tokenizer`."""
         loaded = load(checkpoint, dtype, tokenizer=tokenizer, require_tokenizer=True)
         lm = cls(loaded.model, loaded.tokenizer, **kwargs)
-        lm.checkpoint = str(checkpoint)
+        lm.checkpoint, lm.source, lm.quant = str(checkpoint), loaded.source, loaded.quant
         return lm
 
     # ---- tokenization, as lm-eval's causal models do it -------------------------------------------
@@ -73,8 +75,8 @@ class EvalLM:
     def loglikelihood_tokens(self, requests: Sequence[TokenRequest]) -> list[tuple[float, bool]]:
         return loglikelihood_tokens(self.model, requests, max_len=self.max_len, batch_tokens=self.batch_tokens)
 
-    def generate_until(self, prompt: str, until: Sequence[str], max_new_tokens: int = 256) -> str:
-        """Greedy continuation of prompt, cut before the first stop string (or at end-of-sequence)."""
+    def generate(self, prompt: str, max_new_tokens: int, done: Callable[[str], bool]) -> str:
+        """Greedy continuation of prompt until end-of-sequence, max_new_tokens, or done(text so far)."""
         if not 0 < max_new_tokens < self.max_len:
             raise ValueError(f"max_new_tokens must be in 1..{self.max_len - 1}, got {max_new_tokens}")
         ids = self.tokenizer.encode(prompt) or [self.prefix_token_id]
@@ -85,10 +87,13 @@ class EvalLM:
             if token in self.tokenizer.eos_ids:
                 break
             out.append(token)
-            text = self.tokenizer.decode(out)
-            if any(s and s in text for s in until):
+            if done(self.tokenizer.decode(out)):
                 break
-        text = self.tokenizer.decode(out)
+        return self.tokenizer.decode(out)
+
+    def generate_until(self, prompt: str, until: Sequence[str], max_new_tokens: int = 256) -> str:
+        """Greedy continuation of prompt, cut before the first stop string (or at end-of-sequence)."""
+        text = self.generate(prompt, max_new_tokens, lambda t: any(s and s in t for s in until))
         for stop in until:
             if stop:
                 text = text.split(stop)[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,12 @@ from tqdm import tqdm
 
 from ...errors import DataError
 from .. import metrics
+from ..stats import mean  # noqa: F401  (tasks import it from here)
+
+
+def _insert(text: str, shots: str, description: str) -> str:
+    """The shots after the task description that starts text (or at the very start)."""
+    return description + shots + text.removeprefix(description)
 
 
 @dataclass(frozen=True)
@@ -23,6 +30,7 @@ class MultipleChoiceItem:
     continuations: tuple[str, ...]
     choice_texts: tuple[str, ...]
     gold: tuple[int, ...]  # indices of the correct choices
+    scores: tuple[float, ...] | None = None  # per-choice credit where a task grades softly (BIG-bench target_scores)
 
     def requests(self) -> list[tuple[str, str]]:
         n = len(self.choice_texts)
@@ -30,11 +38,26 @@ class MultipleChoiceItem:
         continuations = self.continuations * n if len(self.continuations) == 1 else self.continuations
         return list(zip(contexts, continuations))
 
+    def shot(self) -> str:
+        """The item as a solved example (lm-eval's few-shot turn): the gold choice's context and continuation."""
+        gold = self.gold[0]
+        return (self.contexts[gold if len(self.contexts) > 1 else 0]
+                + self.continuations[gold if len(self.continuations) > 1 else 0])
+
+    def with_shots(self, shots: str, description: str = "") -> "MultipleChoiceItem":
+        return dataclasses.replace(self, contexts=tuple(_insert(c, shots, description) for c in self.contexts))
+
 
 @dataclass(frozen=True)
 class GenerationItem:
     prompt: str
     answers: tuple[str, ...]
+
+    def shot(self) -> str:
+        return self.prompt + " " + self.answers[0]  # lm-eval: target delimiter " ", the first answer
+
+    def with_shots(self, shots: str, description: str = "") -> "GenerationItem":
+        return dataclasses.replace(self, prompt=_insert(self.prompt, shots, description))
 
 
 @dataclass(frozen=True)
@@ -45,6 +68,17 @@ class ExactMatch:
     ignore_case: bool = True
     ignore_punctuation: bool = True
     regexes_to_ignore: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FewShot:
+    """How lm-eval builds a k-shot prompt for a task: `description`, then k solved examples each followed by
+    `delimiter`, then the item (items of tasks with a description start with it; it is moved to the front)."""
+    delimiter: str = "\n\n"
+    description: str = ""
+    # lm-eval hands the evaluated document to its sampler (which then draws k + 1 and drops it) when the task's
+    # few-shot split equals its test split, None == None included: so for every task without a test split.
+    draws_one_more: bool = True
 
 
 @dataclass(frozen=True)
@@ -61,6 +95,12 @@ class Task:
     evaluate: Callable[[object, list], TaskResult]  # (EvalLM, items) -> result
     files: tuple[str, ...] = ()  # file names looked up in the data folder; empty: the task brings its data
     main_metric: str = "acc"
+    fewshot_files: tuple[str, ...] = ()  # the training split lm-eval draws shots from, when present
+    fewshot: FewShot | None = FewShot()  # None: the task takes no shots
+    # tasks formatting their own shots (BIG-bench): (num_fewshot, seed) -> items
+    load_with_shots: Callable[[int, int], list] | None = None
+    default_fewshot_seed: int = 1234  # lm-eval's fewshot_random_seed; BIG-bench tasks use BIG-bench's 42
+    corpus_metrics: dict[str, str] = dataclasses.field(default_factory=dict)  # metric -> per-item stats it sums
 
     def find_file(self, data_dir: Path | None) -> Path | None:
         if not self.files:
@@ -72,9 +112,30 @@ class Task:
                 return Path(data_dir) / name
         raise DataError(f"task {self.name}: none of {', '.join(self.files)} in {data_dir}")
 
+    def items(self, data_dir: Path | None = None, *, num_fewshot: int = 0, seed: int | None = None,
+              limit: int | None = None) -> list:
+        """The items to evaluate: the first `limit`, each with `num_fewshot` solved examples before it.
 
-def mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
+        Standard-file tasks take their shots as lm-eval does (`fewshot.py`): from the training file when
+        the data folder has one, else from the evaluated items themselves (never the item itself).
+        """
+        if num_fewshot < 0:
+            raise ValueError(f"--num-fewshot must be >= 0, got {num_fewshot}")
+        seed = self.default_fewshot_seed if seed is None else seed
+        if self.load_with_shots is not None:
+            items = self.load_with_shots(num_fewshot, seed)
+            return items[:limit] if limit else items
+        every = self.load(self.find_file(data_dir))
+        items = every[:limit] if limit else every
+        if not num_fewshot:
+            return items
+        if self.fewshot is None:
+            raise DataError(f"task {self.name} takes no few-shot examples")
+        from ..fewshot import add_shots
+
+        train = next((Path(data_dir) / f for f in self.fewshot_files if data_dir and (Path(data_dir) / f).exists()), None)
+        pool = self.load(train) if train else every
+        return add_shots(items, pool, num_fewshot, seed, self.fewshot, exclude_self=train is None)
 
 
 def evaluate_multiple_choice(lm, items: Sequence[MultipleChoiceItem]) -> TaskResult:
@@ -85,8 +146,12 @@ def evaluate_multiple_choice(lm, items: Sequence[MultipleChoiceItem]) -> TaskRes
     for item in items:
         lls = logliks[start:start + len(item.choice_texts)]
         start += len(item.choice_texts)
-        samples.append({"logliks": lls, "gold": list(item.gold), **metrics.multiple_choice(lls, item.choice_texts, item.gold)})
-    return TaskResult({name: mean([s[name] for s in samples]) for name in ("acc", "acc_norm")}, samples)
+        sample = {"logliks": lls, "gold": list(item.gold), **metrics.multiple_choice(lls, item.choice_texts, item.gold)}
+        if item.scores is not None:  # BIG-bench's multiple_choice_grade: the credit of the most likely choice
+            sample["multiple_choice_grade"] = item.scores[sample["choice"]]
+        samples.append(sample)
+    names = ["acc", "acc_norm"] + (["multiple_choice_grade"] if items and all(i.scores for i in items) else [])
+    return TaskResult({name: mean([s[name] for s in samples]) for name in names}, samples)
 
 
 def exact_match_evaluator(options: ExactMatch) -> Callable:

@@ -36,10 +36,9 @@ def evaluate_perplexity(lm, texts: list[str], window: int = WINDOW, stride: int 
     total_ll, tokens, words, n_bytes, samples = 0.0, 0, 0, 0, []
     for text in tqdm(texts, desc="perplexity", disable=not lm.progress, leave=False):
         ll, n = lm.rolling_loglikelihood(text, window, stride)
-        total_ll, tokens = total_ll + ll, tokens + n
-        words += len(re.split(r"\s+", text))
-        n_bytes += len(text.encode("utf-8"))
-        samples.append({"loglik": ll, "tokens": n})
+        n_words, n_text_bytes = len(re.split(r"\s+", text)), len(text.encode("utf-8"))
+        total_ll, tokens, words, n_bytes = total_ll + ll, tokens + n, words + n_words, n_bytes + n_text_bytes
+        samples.append({"loglik": ll, "tokens": n, "words": n_words, "bytes": n_text_bytes})
     return TaskResult({"token_perplexity": math.exp(-total_ll / tokens),
                        "word_perplexity": math.exp(-total_ll / words),
                        "byte_perplexity": math.exp(-total_ll / n_bytes),

@@ -146,8 +146,11 @@ def load_triviaqa(path: Path) -> list[GenerationItem]:
     return [GenerationItem(f"Question: {q}?\nAnswer:", tuple(a)) for q, a in pairs]
 
 
+NQ_DESCRIPTION = "Answer these questions:\n\n"  # lm-eval's nq_open `description`
+
+
 def load_nq_open(path: Path) -> list[GenerationItem]:
-    return [GenerationItem(f"Answer these questions:\n\nQ: {r['question']}?\nA:", tuple(r["answer"]))
+    return [GenerationItem(f"{NQ_DESCRIPTION}Q: {r['question']}?\nA:", tuple(r["answer"]))
             for r in read_jsonl(path)]
 
 
