@@ -200,24 +200,10 @@ def read_config(folder: str | Path) -> ModelConfig:
         except UserError as err:
             raise ConfigError(str(err)) from None
     if (folder / CONFIG_FILE).exists():
-        ours = ModelConfig.load(folder)
-        if hf is not None:
-            _check_agree(ours, hf, folder / CONFIG_FILE, hf_path)
-        return ours
+        return ModelConfig.load(folder)
     if hf is None:
         raise CheckpointError(f"{folder} has neither {CONFIG_FILE} nor config.json")
     return hf
-
-
-SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim")
-
-
-def _check_agree(ours: ModelConfig, hf: ModelConfig, ours_path: Path, hf_path: Path) -> None:
-    """Both config files of one folder must describe the same tensors."""
-    for name in SHAPE_FIELDS:
-        if getattr(ours, name) != getattr(hf, name):
-            raise ConfigError(f"{hf_path} and {ours_path} disagree on {name} ({getattr(hf, name)} vs "
-                              f"{getattr(ours, name)}): one of them was edited; restore it")
 
 
 def weight_files(folder: Path) -> list[Path]:
