@@ -202,7 +202,9 @@ def _remove_stale_files(out: Path, domain: str, keep: set[str]) -> None:
 
 # ---- reading ---------------------------------------------------------------------------------------
 _RETOKENIZE = "tokenize the corpus again (mobilellm tokenize)"
-MANIFEST_SCHEMA = Schema({"format": (str,), "domains": (dict,)}, ("format", "domains"), fix=_RETOKENIZE)
+MANIFEST_SCHEMA = Schema({"format": (str,), "dtype": (str,), "tokenizer": (dict,), "val_fraction": (int, float),
+                          "domains": (dict,)}, ("format", "dtype", "tokenizer", "val_fraction", "domains"),
+                         fix=_RETOKENIZE)
 
 
 def read_manifest(folder: str | Path) -> dict:
