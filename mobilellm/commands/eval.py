@@ -22,7 +22,8 @@ def run_eval(checkpoint: Path, *, tasks: str, limit: int | None = None, out: Pat
 
     Tasks: hellaswag, boolq, piqa, social_iqa, arc_easy, arc_challenge, winogrande, openbookqa
     (multiple choice, acc and acc_norm), triviaqa, nq_open (exact match), perplexity, humaneval
-    (pass@1), bigbench_social_iqa, bigbench_winowhy, bigbench_strategyqa, bigbench_elementary_math_qa.
+    (pass@1: each program runs in the namespace sandbox, refused where none can be made unless
+    MOBILELLM_UNSAFE_NO_SANDBOX=1), bigbench_social_iqa, bigbench_winowhy, bigbench_strategyqa, bigbench_elementary_math_qa.
 
     Args:
         checkpoint: checkpoint folder, full precision or quantized (mobilellm quantize)
