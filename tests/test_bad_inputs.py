@@ -139,7 +139,7 @@ def test_results_and_manifest_files_are_named(tmp_path, capsys):
     (tmp_path / "shards" / "manifest.json").write_text('{"format": 3, "dtype": "uint16", "tokenizer": {}, "val_fraction": 0.1, "domains": {}}')
     from mobilellm.data.shards import read_manifest
     from mobilellm.errors import UserError
-    with pytest.raises(UserError, match="manifest.json: field 'format' must be a string"):
+    with pytest.raises(UserError, match="manifest.json: field .format. must be a string"):
         read_manifest(tmp_path / "shards")
 
 
