@@ -5,6 +5,10 @@ A function's positional parameters become positional arguments, keyword-only one
 `name: text` lines under "Args:" describe the flags. A keyword parameter typed as a frozen dataclass (e.g.
 `sampling: SamplingConfig`) is expanded into one flag per field, documented by the dataclass's own
 docstring, and rebuilt before the call: commands that share a config share its flags.
+
+Bad input never ends in a traceback: a bad flag (no command takes a negative number: int and float
+flags refuse one), a `UserError` (what every reader of a file raises, naming the file and the field) or
+an OS error on a file is printed as one line, `mobilellm COMMAND: error: ...`, with exit status 2.
 """
 
 from __future__ import annotations
@@ -17,6 +21,33 @@ import re
 import sys
 import typing
 from pathlib import Path
+
+from .errors import UserError
+
+
+class _ParseError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """Parse errors raised (main prints them as one line), not printed with the usage and exited on."""
+
+    def error(self, message):
+        raise _ParseError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+def _non_negative(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
 
 # name -> "module:function". Only finished commands are listed here.
 COMMANDS: dict[str, str] = {
@@ -78,8 +109,10 @@ def _add_parameter(parser, param: inspect.Parameter, hint, help_text: str, dest:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif origin in (list, tuple):
         kwargs["nargs"] = "+"
-        kwargs["type"] = args[0] if args else str
-    elif hint in (int, float, str, Path):
+        kwargs["type"] = _non_negative(args[0]) if args and args[0] in (int, float) else (args[0] if args else str)
+    elif hint in (int, float):
+        kwargs["type"] = _non_negative(hint)
+    elif hint in (str, Path):
         kwargs["type"] = hint
     flag = "--" + param.name.replace("_", "-")
     if param.kind is inspect.Parameter.KEYWORD_ONLY:
@@ -100,7 +133,7 @@ def _add_parameter(parser, param: inspect.Parameter, hint, help_text: str, dest:
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(prog="mobilellm", description="MobileLLM-Pro end to end: train, distill, quantize, evaluate and run small language models on a CPU.")
+    parser = _Parser(prog="mobilellm", description="MobileLLM-Pro end to end: train, distill, quantize, evaluate and run small language models on a CPU.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     functions = {}
     for name, target in COMMANDS.items():
@@ -145,18 +178,29 @@ def _collect(ns: dict, func) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser, functions = build_parser()
-    ns = vars(parser.parse_args(argv))
+    try:
+        ns = vars(parser.parse_args(argv))
+    except _ParseError as err:
+        print(err, file=sys.stderr)
+        return 2
     command = ns.pop("command")
     if command is None:
         parser.print_help()
         return 0
     try:
         result = functions[command](**_collect(ns, functions[command]))
-    except (ValueError, FileNotFoundError) as err:
+    except (UserError, ValueError, OSError) as err:
         # Errors we raise name the problem; a traceback would only bury it.
-        print(f"mobilellm {command}: error: {err}", file=sys.stderr)
+        print(f"mobilellm {command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     return result if isinstance(result, int) else 0
+
+
+def one_line(err: Exception) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
+        text = f"{err.filename}: {text}"
+    return text
 
 
 if __name__ == "__main__":

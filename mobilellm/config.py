@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import write_text_atomic
+from .errors import UserError
+from .schema import Schema, read_json
 
 LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 ROPE_LAYOUTS = ("half", "interleaved")  # Llama 2/3 rotate-half; Llama-4-text complex pairs
@@ -15,7 +17,7 @@ FAMILIES = ("llama", "llama4")  # checkpoint layout on disk (HF key names and co
 CONFIG_FILE = "mobilellm_config.json"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A model config that is malformed, incomplete or inconsistent."""
 
 
@@ -98,22 +100,21 @@ class ModelConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"unknown config fields {unknown}")
-        required = {f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-        missing = sorted(required - set(data))
-        if missing:
-            raise ConfigError(f"config {data.get('name', '?')!r} is missing fields {missing}")
+    def from_dict(cls, data: dict, origin: str | Path = "model config") -> "ModelConfig":
+        """Validated against the dataclass's fields and types; errors name `origin` (the file)."""
+        try:
+            Schema.of_dataclass(cls).check(data, origin)
+        except UserError as err:
+            raise ConfigError(str(err)) from None
         data = dict(data)
         data["layer_types"] = tuple(data["layer_types"])
         data["eos_ids"] = tuple(data.get("eos_ids", ()))
         if data.get("rope_layers") is not None:
             data["rope_layers"] = tuple(bool(x) for x in data["rope_layers"])
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ConfigError as err:
+            raise ConfigError(f"{origin}: {err}") from None
 
     def save(self, folder: str | Path) -> Path:
         return write_text_atomic(Path(folder) / CONFIG_FILE, json.dumps(self.to_dict(), indent=2) + "\n")
@@ -123,15 +124,13 @@ class ModelConfig:
         path = Path(folder_or_file)
         if path.is_dir():
             path = path / CONFIG_FILE
+        if not path.exists():
+            raise ConfigError(f"no model config at {path}")
         try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"no model config at {path}") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"malformed JSON in {path}: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a JSON object")
-        return cls.from_dict(data)
+            data = read_json(path, fix="restore it from the checkpoint it came from")
+        except UserError as err:
+            raise ConfigError(str(err)) from None
+        return cls.from_dict(data, origin=path)
 
     @classmethod
     def from_name(cls, name: str) -> "ModelConfig":

@@ -24,17 +24,37 @@ from torch import nn
 
 from .atomic import atomic_folder
 from .config import CONFIG_FILE, ConfigError, ModelConfig
+from .errors import UserError
 from .model import Transformer
+from .schema import Schema, read_json_object
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt, or does not fit the model."""
 
 
 # ---- config.json <-> ModelConfig -------------------------------------------------------------------
+
+INT, NUMBER, OPT_INT = (int,), (int, float), (int, type(None))
+_HF_FIELDS = {"vocab_size": INT, "hidden_size": INT, "num_hidden_layers": INT, "num_attention_heads": INT,
+              "intermediate_size": INT, "intermediate_size_mlp": INT, "num_key_value_heads": OPT_INT,
+              "head_dim": OPT_INT, "layer_types": (list, type(None)), "sliding_window": OPT_INT,
+              "attention_chunk_size": OPT_INT, "rope_theta": (int, float, type(None)),
+              "rope_parameters": (dict, type(None)), "rope_scaling": (dict, type(None)),
+              "rms_norm_eps": NUMBER, "tie_word_embeddings": (bool,), "max_position_embeddings": INT,
+              "no_rope_layers": (list, type(None)), "no_rope_layer_interval": INT, "use_qk_norm": (bool,),
+              "attn_temperature_tuning": (bool,), "floor_scale": NUMBER, "attn_scale": NUMBER,
+              "bos_token_id": OPT_INT, "eos_token_id": (int, list, type(None)), "pad_token_id": OPT_INT,
+              "model_type": (str,), "text_config": (dict,)}
+_HF_COMMON = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+# The fields the converter reads, per architecture (Llama-4-text names its dense FFN intermediate_size_mlp).
+HF_SCHEMAS = {model_type: Schema(_HF_FIELDS, _HF_COMMON + (ffn,), fix="fix the file or download the model again")
+              for model_type, ffn in (("llama", "intermediate_size"), ("llama4_text", "intermediate_size_mlp"),
+                                      ("mobilellm_p1", "intermediate_size_mlp"))}
+
 
 def _rope_theta(hf: dict) -> float:
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
@@ -53,17 +73,27 @@ def _eos(value) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, list) else (value,)
 
 
-def config_from_hf(hf: dict, name: str = "hf") -> ModelConfig:
+def config_from_hf(hf: dict, name: str = "hf", origin: str | Path = "config.json") -> ModelConfig:
     """Read an HF config.json dict (Llama, Llama-4-text, MobileLLM-P1) into a ModelConfig."""
-    if hf.get("model_type") == "llama4" and "text_config" in hf:
-        hf = hf["text_config"]
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{origin}: expected a JSON object")
+    if hf.get("model_type") == "llama4" and isinstance(hf.get("text_config"), dict):
+        hf, origin = hf["text_config"], f"{origin} (text_config)"
     model_type = hf.get("model_type")
-    if model_type not in ("llama", "llama4_text", "mobilellm_p1"):
-        raise ConfigError(f"unsupported model_type {model_type!r}: expected llama, llama4_text or mobilellm_p1")
-    required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"]
-    missing = [k for k in required if k not in hf]
-    if missing:
-        raise ConfigError(f"config.json is missing fields {missing}")
+    if model_type not in HF_SCHEMAS:
+        raise ConfigError(f"{origin}: unsupported model_type {model_type!r}: expected llama, llama4_text or "
+                          "mobilellm_p1")
+    try:
+        HF_SCHEMAS[model_type].check(hf, origin)
+    except UserError as err:
+        raise ConfigError(str(err)) from None
+    try:
+        return _config_from_hf(hf, name, model_type)
+    except ConfigError as err:
+        raise ConfigError(f"{origin}: {err}") from None
+
+
+def _config_from_hf(hf: dict, name: str, model_type: str) -> ModelConfig:
     n_layers = hf["num_hidden_layers"]
     llama4 = model_type != "llama"
     if hf.get("attention_bias") or hf.get("mlp_bias"):
@@ -162,16 +192,18 @@ def read_config(folder: str | Path) -> ModelConfig:
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    hf_path = folder / "config.json"
+    hf = None
+    if hf_path.exists():  # read and checked even beside ours: a broken one would break HF tools on export
+        try:
+            hf = config_from_hf(read_json_object(hf_path, fix="fix the file or delete it"), folder.name, hf_path)
+        except UserError as err:
+            raise ConfigError(str(err)) from None
     if (folder / CONFIG_FILE).exists():
         return ModelConfig.load(folder)
-    hf_path = folder / "config.json"
-    if not hf_path.exists():
+    if hf is None:
         raise CheckpointError(f"{folder} has neither {CONFIG_FILE} nor config.json")
-    try:
-        hf = json.loads(hf_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"malformed JSON in {hf_path}: {err}") from None
-    return config_from_hf(hf, name=folder.name)
+    return hf
 
 
 def weight_files(folder: Path) -> list[Path]:

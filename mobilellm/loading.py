@@ -74,5 +74,6 @@ def load(checkpoint: str | Path, dtype: torch.dtype = torch.float32, *, tokenize
     if tok is None and require_tokenizer:
         raise CheckpointError(f"no {TOKENIZER_FILE} in {tokenizer or source}: give a tokenizer folder (--tokenizer)")
     if tok is not None:
-        tok.check_fits(model.config.vocab_size)
+        cfg = model.config
+        tok.check_fits(cfg.vocab_size, (cfg.bos_id, cfg.pad_id, *cfg.eos_ids))
     return Loaded(model, tok, quant, source, files)

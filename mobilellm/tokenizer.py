@@ -7,11 +7,14 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from .atomic import write_text_atomic
+from .errors import UserError
+from .schema import Schema, parse_json
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -25,20 +28,28 @@ CHATML_TEMPLATE = (
 )
 
 
-class TokenizerError(ValueError):
+_TOKEN = (str, dict, type(None))
+_FIX = "fix the file or copy the tokenizer's files again"
+TOKENIZER_CONFIG_SCHEMA = Schema({"bos_token": _TOKEN, "eos_token": (str, dict, list, type(None)),
+                                  "pad_token": _TOKEN, "chat_template": (str, list, type(None)),
+                                  EXTRA_EOS_KEY: (list, type(None))}, fix=_FIX)
+
+
+class TokenizerError(UserError):
     """A tokenizer that is missing, malformed, or does not fit the model."""
 
 
 class Tokenizer:
     def __init__(self, backend: _HFTokenizer, bos_token: str | None = None, eos_tokens: Iterable[str] = (),
-                 pad_token: str | None = None, chat_template: str | None = None):
-        self.backend = backend
+                 pad_token: str | None = None, chat_template: str | None = None, origin: str = "tokenizer"):
+        self.backend, self.origin = backend, origin
         self.bos_token, self.pad_token = bos_token, pad_token
         self.eos_tokens = tuple(eos_tokens)
         self.chat_template = chat_template
         for token in (bos_token, pad_token, *self.eos_tokens):
             if token is not None and backend.token_to_id(token) is None:
-                raise TokenizerError(f"special token {token!r} is not in the vocabulary")
+                raise TokenizerError(f"{origin}: special token {token!r} is not in the vocabulary of "
+                                     f"{TOKENIZER_FILE}; fix {TOKENIZER_CONFIG}")
 
     # ---- ids --------------------------------------------------------------------------------------
     @property
@@ -80,15 +91,32 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise TokenizerError("this tokenizer has no chat template")
-        return _compiled_template(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_tokens[0] if self.eos_tokens else "")
+        try:
+            return _compiled_template(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_tokens[0] if self.eos_tokens else "")
+        except TemplateError as err:  # a syntax error, or an operation the sandboxed renderer refuses
+            raise TokenizerError(f"the chat template of {self.origin} cannot be rendered "
+                                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                                 f"fix {CHAT_TEMPLATE_FILE} or chat_template in {TOKENIZER_CONFIG}") from None
 
-    def check_fits(self, vocab_size: int) -> None:
-        """A tokenizer whose ids reach past the model's embedding table cannot drive it."""
-        if self.vocab_size > vocab_size:
-            raise TokenizerError(f"tokenizer has {self.vocab_size:,} tokens but the model's vocabulary is "
-                                 f"{vocab_size:,}: wrong tokenizer for this model?")
+    def check_fits(self, vocab_size: int, special_ids: Iterable[int | None] = ()) -> None:
+        """The rule for a tokenizer driving a model with a `vocab_size`-row embedding table: refused when
+        its ids reach past the table; when the table exceeds it by more than padding (the larger of 256
+        rows and 1% of the table: room models keep for alignment and reserved tokens), which means the
+        tokenizer of another model; and when a special id of the model's config (bos, eos, pad) is not
+        one of its ids."""
+        size = self.vocab_size
+        wrong = f"{self.origin}: wrong tokenizer for this model? give the model's own (--tokenizer)"
+        if size > vocab_size:
+            raise TokenizerError(f"{wrong}: it has {size:,} tokens, the model's vocabulary {vocab_size:,}")
+        if vocab_size - size > max(256, vocab_size // 100):
+            raise TokenizerError(f"{wrong}: it has {size:,} tokens, {vocab_size - size:,} fewer than the model's "
+                                 f"vocabulary ({vocab_size:,}), more than padding explains")
+        uncovered = sorted(i for i in special_ids if i is not None and i >= size)
+        if uncovered:
+            raise TokenizerError(f"{wrong}: the model's special token ids {uncovered} are not among its "
+                                 f"{size:,} ids")
 
     # ---- files ------------------------------------------------------------------------------------
     @classmethod
@@ -105,11 +133,17 @@ class Tokenizer:
             backend = _HFTokenizer.from_str(files[TOKENIZER_FILE])
         except Exception as err:  # the tokenizers library raises plain Exception on bad files
             raise TokenizerError(f"cannot read {TOKENIZER_FILE} of {origin}: {err}") from None
-        config = json.loads(files.get(TOKENIZER_CONFIG, "{}"))
+        config = TOKENIZER_CONFIG_SCHEMA.check(
+            parse_json(files.get(TOKENIZER_CONFIG, "{}"), f"{origin}/{TOKENIZER_CONFIG}", fix=_FIX),
+            f"{origin}/{TOKENIZER_CONFIG}")
         template = files.get(CHAT_TEMPLATE_FILE, config.get("chat_template"))
         eos = config.get(EXTRA_EOS_KEY) or config.get("eos_token")
         eos_tokens = [_token_text(e) for e in (eos if isinstance(eos, list) else [eos]) if e]
-        return cls(backend, _token_text(config.get("bos_token")), eos_tokens, _token_text(config.get("pad_token")), template)
+        if isinstance(template, list):  # HF's named templates: [{"name": "default", "template": ...}, ...]
+            template = next((t.get("template") for t in template if isinstance(t, dict)
+                             and t.get("name") == "default"), None)
+        return cls(backend, _token_text(config.get("bos_token")), eos_tokens, _token_text(config.get("pad_token")),
+                   template, origin=origin)
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)

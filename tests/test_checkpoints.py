@@ -83,7 +83,7 @@ def test_missing_folder_and_config(tmp_path):
 
 def test_hf_config_with_missing_fields(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10}))
-    with pytest.raises(ConfigError, match="missing fields \\['hidden_size'"):
+    with pytest.raises(ConfigError, match="config.json: missing fields 'hidden_size'"):
         load_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ConfigError, match="unsupported model_type 'gpt2'"):

@@ -25,8 +25,10 @@ def run_eval(checkpoint: Path | None = None, *, tasks: str | None = None, limit:
 
     Tasks: hellaswag, boolq, piqa, social_iqa, arc_easy, arc_challenge, winogrande, openbookqa
     (multiple choice, acc and acc_norm), triviaqa, nq_open (exact match), perplexity, humaneval
-    (pass@1), and every BIG-bench JSON task as bigbench_<task> or bigbench_<task>:<subtask>
-    (multiple choice by log-likelihood, generative tasks by their own metrics). --list-tasks prints them all.
+    (pass@1: each program runs in the namespace sandbox, refused where none can be made unless
+    MOBILELLM_UNSAFE_NO_SANDBOX=1), and every BIG-bench JSON task as bigbench_<task> or
+    bigbench_<task>:<subtask> (multiple choice by log-likelihood, generative tasks by their own metrics).
+    --list-tasks prints them all.
 
     Args:
         checkpoint: checkpoint folder, full precision or quantized (mobilellm quantize)

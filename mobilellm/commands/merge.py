@@ -6,6 +6,11 @@ from pathlib import Path
 
 from ..atomic import write_json_atomic
 from ..merge import MergeError, MergeMethod, merge_checkpoints
+from ..schema import Schema
+
+
+_FIX_RECIPE = "restore it, or remove that run folder"
+RECIPE_FILE = Schema({"name": (str,), "init": (str, type(None))}, fix=_FIX_RECIPE)
 
 
 def specialize(checkpoint: str, *, data: Path, domains: list[str], out: Path, steps: int = 500, lr: float = 1e-5,
@@ -53,13 +58,12 @@ def specialize(checkpoint: str, *, data: Path, domains: list[str], out: Path, st
 def specialists_of(out: Path) -> dict | None:
     """{parent, specialists: {domain: final checkpoint}} read from the runs in `out` (each run's recipe.json
     names its parent), so processes training specialists into the same folder at once never lose one."""
-    import json
-
+    from ..schema import read_json_object
     from ..train.checkpoint import latest_checkpoint
 
     found, parents = {}, set()
     for recipe_file in sorted(out.glob("*/recipe.json")):
-        recipe = json.loads(recipe_file.read_text())
+        recipe = RECIPE_FILE.check(read_json_object(recipe_file, fix=_FIX_RECIPE), recipe_file)
         final = latest_checkpoint(recipe_file.parent)
         if not recipe.get("name", "").startswith("specialist-") or final is None:
             continue

@@ -27,6 +27,8 @@ from tqdm import tqdm
 from ..atomic import atomic_file, write_json_atomic
 from ..tokenizer import Tokenizer, TokenizerError
 from .sources import DataError, Source, SourceStats, read_documents
+from ..errors import UserError
+from ..schema import Schema, read_json_object
 
 MANIFEST = "manifest.json"
 FORMAT = "mobilellm-token-shards/1"
@@ -200,11 +202,19 @@ def _remove_stale_files(out: Path, domain: str, keep: set[str]) -> None:
 
 
 # ---- reading ---------------------------------------------------------------------------------------
+_RETOKENIZE = "tokenize the corpus again (mobilellm tokenize)"
+MANIFEST_SCHEMA = Schema({"format": (str,), "dtype": (str,), "tokenizer": (dict,), "val_fraction": (int, float),
+                          "domains": (dict,)}, ("format", "domains"), fix=_RETOKENIZE)
+
+
 def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.exists():
         raise DataError(f"no {MANIFEST} in {folder}: not a token shard folder (make one with `mobilellm tokenize`)")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = MANIFEST_SCHEMA.check(read_json_object(path, fix=_RETOKENIZE), path)
+    except UserError as err:
+        raise DataError(str(err)) from None
     if manifest.get("format") != FORMAT:
         raise DataError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest

@@ -21,6 +21,7 @@ import torch
 
 from ..atomic import write_json_atomic
 from ..model import build_model
+from ..schema import Schema, read_json_object
 from . import metrics, stats
 from .tasks import get_task
 from .tasks.bigbench import fetch_bigbench, unsupported_metrics
@@ -138,13 +139,8 @@ def save_results(results: dict, path: Path) -> None:
 
 
 def load_results(path: Path) -> dict:
-    try:
-        results = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not a results file: {err}") from None
-    if "tasks" not in results:
-        raise ValueError(f"{path} is not a results file (no 'tasks')")
-    return results
+    fix = "give a results file written by mobilellm eval --out"
+    return Schema({"tasks": (dict,)}, ("tasks",), fix=fix).check(read_json_object(path, fix=fix), path)
 
 
 def _fmt(value: float) -> str:

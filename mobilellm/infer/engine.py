@@ -15,13 +15,14 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from ..errors import UserError
 from .cache import KVCache
 from .sampling import SamplingConfig, sample
 
 PREFILL_CHUNK = 2048  # larger GEMMs pay more than the wider sliding-layer key span costs (benchmarks/results/prefill_chunk*.json)
 
 
-class ContextError(ValueError):
+class ContextError(UserError):
     """A prompt that does not fit the model's context or the cache."""
 
 

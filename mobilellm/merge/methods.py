@@ -16,10 +16,12 @@ from typing import Sequence
 
 import torch
 
+from ..errors import UserError
+
 METHODS = ("linear", "task_arithmetic", "ties")
 
 
-class MergeError(ValueError):
+class MergeError(UserError):
     """Inputs that cannot be merged: names the tensor, file or weight at fault."""
 
 

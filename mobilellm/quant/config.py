@@ -11,6 +11,8 @@ import torch
 
 from ..atomic import write_text_atomic
 from ..dtypes import DTYPES
+from ..errors import UserError
+from ..schema import read_json_object
 
 QUANT_CONFIG_FILE = "quantization_config.json"
 # Bumped when the stored tensors change meaning. 2: the cpu scheme's int4 tensors are in 8-row panels (layout.py).
@@ -86,11 +88,11 @@ class QuantConfig:
         path = Path(folder) / QUANT_CONFIG_FILE
         if not path.exists():
             raise ValueError(f"{folder} holds no {QUANT_CONFIG_FILE}: not a quantized checkpoint")
+        data = read_json_object(path, fix="quantize the model again (mobilellm quantize)")
         try:
-            data = json.loads(path.read_text())
             config = cls.from_dict(data)
-        except (json.JSONDecodeError, TypeError, AttributeError) as err:
-            raise ValueError(f"malformed {path}: {err}") from None
+        except (TypeError, AttributeError, KeyError) as err:
+            raise UserError(f"{path}: malformed ({err}); quantize the model again (mobilellm quantize)") from None
         version = data.get("format_version", 1)
         if version != FORMAT_VERSION:
             raise ValueError(f"{folder} holds int4 tensors in format {version}; this mobilellm reads format "

@@ -75,6 +75,16 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def nothing_to_resume(run_dir: str | Path) -> str:
+    """Why a resume of run_dir starts from step 0: the line a run prints when it finds no finished checkpoint."""
+    root = Path(run_dir) / CHECKPOINTS
+    partials = sorted(p.name for p in root.glob(".step_*.partial")) if root.is_dir() else []
+    if partials:
+        return (f"resume: no finished checkpoint in {root}, only {partials[-1]} (a save that was interrupted; "
+                "it is discarded): starting from step 0")
+    return f"resume: no checkpoint in {root} yet: starting from step 0"
+
+
 def tied_names(model: nn.Module) -> dict[str, str]:
     """{alias: first name} for every tensor the model holds under more than one name (a tied LM head)."""
     first: dict[int, str] = {}

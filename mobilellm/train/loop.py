@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, nothing_to_resume, save_checkpoint
 from .distributed import SingleProcess
 from .hooks import StepHook, StepState
 from .losses import CrossEntropy, Loss
@@ -169,6 +170,8 @@ def train(model: nn.Module, batches: Iterator[dict], loss: Loss, config: TrainCo
         state = load_checkpoint(found, model, optimizer, parallel)
         start, bad_steps = state["step"], state["bad_steps"]
         load_data_state(batches, state["data"], parallel)
+    elif resume and parallel.is_main:
+        print(nothing_to_resume(run_dir), file=sys.stderr, flush=True)
     log = ProgressLog(run_dir, config.steps, model.config, config.peak_flops * parallel.world_size
                       if config.peak_flops else None, parallel.is_main, config.print_every, type(loss).__name__)
     log.start_at(start)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..atomic import write_text_atomic
 from ..config import ModelConfig
+from ..schema import Schema, parse_json
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -124,8 +125,17 @@ class ProgressLog:
             self.tensorboard.close()
 
 
+_FIX_METRICS = "delete the broken line (a run killed mid-write leaves at most the last one)"
+METRICS_ROW = Schema({"step": (int,)}, ("step",), fix=_FIX_METRICS)
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}: is it a training run folder?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            rows.append(METRICS_ROW.check(parse_json(line, f"{path} line {number}", fix=_FIX_METRICS),
+                                          f"{path} line {number}"))
+    return rows

@@ -14,11 +14,12 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..data.shards import tokenizer_identity
+from ..errors import UserError
 from ..hf import load_pretrained, read_config
 from ..tokenizer import TOKENIZER_FILE, Tokenizer
 
 
-class TeacherError(ValueError):
+class TeacherError(UserError):
     """A teacher that cannot teach this student."""
 
 
