@@ -18,6 +18,7 @@ import torch
 
 from ..cache_protocol import AttentionCache
 from ..config import ModelConfig
+from ..quant.kernels import int8_kv_attention
 from ..quant.math import dequantize_kv_int8, quantize_kv_int8
 from .cache import CacheFullError, KVStore, RotationTable
 
@@ -70,12 +71,23 @@ class SlotCache:
 
 class SlotRows(AttentionCache):
     """The model's cache protocol over some slots of a SlotCache: row i of a forward is slot `slots[i]`.
-    Give the forward its positions: (B, T), row i from that slot's length on (`positions(T)`)."""
+    Give the forward its positions: (B, T), row i from that slot's length on (`positions(T)`).
+
+    Each row gets the numbers the single-sequence engine gives it, bit for bit: one row (a prefill chunk) takes
+    KVCache's attention paths (keys as [past, chunk], attention.CachedChunk), and an int8 decode step attends each
+    row from its own slot with the same C++ kernel (int8_kv_attention on a view, at that row's length). Only float
+    caches decoding several rows at once fall back to masked SDPA over the longest row."""
 
     def __init__(self, cache: SlotCache, slots: torch.Tensor):
         self.cache, self.slots = cache, slots
         self.int8 = cache.int8
         self.start = cache.lengths[slots]  # (B,) tokens each row has cached before this forward
+        self.starts = self.start.tolist()
+        one_row = len(self.starts) == 1
+        self.next_position = self.starts[0] if one_row else 0
+        self.attends_one_token = cache.int8 and self.start.device.type == "cpu"
+        plain = all(t in ("full_attention", "sliding_attention") for t in cache.config.layer_types)
+        self.keys_past_then_chunk = one_row or (self.attends_one_token and plain)
 
     def positions(self, T: int) -> torch.Tensor:
         """(B, T): each row's next T positions."""
@@ -131,6 +143,20 @@ class SlotRows(AttentionCache):
             return (dequantize_kv_int8(store.k[rows, :, :end], store.k_scale[rows, :, :end], store.dtype),
                     dequantize_kv_int8(store.v[rows, :, :end], store.v_scale[rows, :, :end], store.dtype))
         return store.k[rows, :, :end], store.v[rows, :, :end]
+
+    def attend_one_token(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Decode (int8 caches): store each row's token k, v (B, n_kv, 1, hd) at its position, then attend q
+        (B, H, 1, hd) row by row over that slot's keys, read in place from the int8 store (as KVCache does)."""
+        store, ring, W = self.cache.stores[layer], self.cache.ring[layer], self.cache.window
+        positions = self.start[:, None]
+        self._write(store, positions % W if ring else positions, k, v)
+        out = []
+        for i, (slot, start) in enumerate(zip(self.slots.tolist(), self.starts)):
+            n = min(start + 1, W) if ring else start + 1
+            rows = slice(slot, slot + 1)
+            out.append(int8_kv_attention(q[i:i + 1], store.k[rows], store.k_scale[rows], store.v[rows],
+                                         store.v_scale[rows], n))
+        return torch.cat(out)
 
     def advance(self, T: int) -> None:
         self.cache.lengths[self.slots] = self.start + T

@@ -9,6 +9,7 @@ protocol.py). Every request runs on the event loop; only the engine thread touch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import time
@@ -45,7 +46,15 @@ class Server:
                   Route("/v1/completions", self.completions, methods=["POST"])]
         return Starlette(routes=routes, exception_handlers={APIError: self.api_error, HTTPException: self.http_error,
                                                              Exception: self.crash},
-                         on_startup=[self.engine.start], on_shutdown=[self.engine.stop])
+                         lifespan=self.lifespan)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app):
+        self.engine.start()
+        try:
+            yield
+        finally:
+            self.engine.stop()
 
     # ---- plain routes ---------------------------------------------------------------------------
     async def health(self, request: HTTPRequest) -> Response:
