@@ -67,14 +67,15 @@ def post_raw(url: str, data: bytes) -> tuple[int, dict]:
 
 
 def start_server(checkpoint: Path, *flags: str):
-    """A `mobilellm serve` process; returns (process, base url) once /health answers (at most 180 s)."""
+    """A `mobilellm serve` process; returns (process, base url) once /health answers (at most 300 s: a first
+    start may build the int4 kernels)."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO))
     process = subprocess.Popen([sys.executable, "-m", "mobilellm.cli", "serve", str(checkpoint), "--port", str(port),
                                 "--model-name", MODEL, "--threads", "2", *flags], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"the server exited ({process.returncode}): {process.stderr.read()[-2000:]}")
@@ -85,7 +86,7 @@ def start_server(checkpoint: Path, *flags: str):
             pass
         time.sleep(0.5)
     process.kill()
-    raise RuntimeError("the server did not answer /health within 180 s")
+    raise RuntimeError("the server did not answer /health within 300 s")
 
 
 def stop_server(process) -> None:
