@@ -10,7 +10,7 @@ from .generate import load, set_threads
 
 def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, context: int = 4096, prefill_chunk: int = 256, max_queue: int = 64,
-          request_timeout: float = 600.0, model_name: str | None = None, sampling: SamplingConfig = SamplingConfig(),
+          request_timeout: float = 600.0, prefix_reuse: bool = True, model_name: str | None = None, sampling: SamplingConfig = SamplingConfig(),
           int8_kv: bool = False, threads: int | None = None) -> None:
     """Serve a checkpoint over OpenAI's API: POST /v1/chat/completions and /v1/completions (streaming or not),
     GET /v1/models, /health and /metrics (Prometheus).
@@ -29,6 +29,8 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
         prefill_chunk: prompt tokens fed per step: other requests wait at most one chunk between their tokens
         max_queue: requests that may wait for a slot; beyond, 429
         request_timeout: seconds a request may take from arrival to its last token (then 504 / an error event)
+        prefix_reuse: reuse a free slot's cached tokens for a prompt that starts with them (off: every prompt is
+            prefilled from scratch, so a request's numbers never depend on what ran before it)
         model_name: the name clients send as "model" (default: the checkpoint folder's name)
         sampling: the server's sampling defaults: a request's values override them, and unset ones come from
             the checkpoint's generation_config.json
@@ -49,7 +51,7 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
     model, tokenizer, scheme_int8_kv, defaults = load(checkpoint)
     context = min(context, model.config.max_seq_len)
     engine = Engine(model, tokenizer, n_slots=max_batch, max_len=context, int8_kv=int8_kv or scheme_int8_kv,
-                    prefill_chunk=prefill_chunk, max_queue=max_queue)
+                    prefill_chunk=prefill_chunk, max_queue=max_queue, prefix_reuse=prefix_reuse)
     engine.warm_up()
     name = model_name or resolve_checkpoint(checkpoint).name
     server = Server(engine, tokenizer, model_name=name, defaults=sampling.over(defaults), api_key=api_key,

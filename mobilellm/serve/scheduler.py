@@ -110,13 +110,15 @@ class Engine:
     """Serves requests from `n_slots` KV slots of `max_len` tokens each, on its own thread (`start`, `stop`)."""
 
     def __init__(self, model, tokenizer: Tokenizer, *, n_slots: int, max_len: int, int8_kv: bool,
-                 prefill_chunk: int = 256, max_queue: int = 64, metrics: Metrics | None = None):
+                 prefill_chunk: int = 256, max_queue: int = 64, prefix_reuse: bool = True,
+                 metrics: Metrics | None = None):
         if prefill_chunk < 1 or max_queue < 0:
             raise ValueError(f"prefill_chunk must be >= 1 and max_queue >= 0, got {prefill_chunk}, {max_queue}")
         self.model, self.tokenizer = model, tokenizer
         self.device = model.norm.weight.device
         self.cache = SlotCache(model.config, n_slots, max_len, model.norm.weight.dtype, int8_kv, self.device)
         self.n_slots, self.max_len, self.prefill_chunk, self.max_queue = n_slots, max_len, prefill_chunk, max_queue
+        self.prefix_reuse = prefix_reuse
         self.stop_ids = frozenset(tokenizer.eos_ids or model.config.eos_ids)
         self.metrics = metrics or Metrics()
         self.metrics.slots_total = n_slots
@@ -238,7 +240,7 @@ class Engine:
         best = None
         for slot in free:
             reuse = min(common_prefix(self.slot_tokens[slot], prompt), len(prompt) - 1)
-            if not self.cache.can_truncate(slot, reuse):
+            if not self.prefix_reuse or not self.cache.can_truncate(slot, reuse):
                 reuse = 0
             key = (reuse, -self.slot_used[slot])
             if best is None or key > best[0]:
