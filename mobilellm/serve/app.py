@@ -123,7 +123,8 @@ class Server:
         events: asyncio.Queue = asyncio.Queue()
         job = Request(parsed.prompt, parsed.max_tokens, parsed.sampling,
                       emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-                      stop_strings=parsed.stop, logprobs=parsed.logprobs, timeout=self.request_timeout)
+                      stop_strings=parsed.stop, logprobs=parsed.logprobs, timeout=self.request_timeout,
+                      ignore_eos=parsed.ignore_eos)
         try:
             self.engine.submit(job)
         except QueueFull as err:

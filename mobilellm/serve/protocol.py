@@ -41,6 +41,7 @@ class Parsed:
     logprobs: int | None
     stream: bool
     include_usage: bool
+    ignore_eos: bool = False  # extra field (as llama.cpp and vLLM take it): generate past EOS
 
 
 def _number(body: dict, key: str, lo: float | None = None, hi: float | None = None, integer: bool = False,
@@ -162,7 +163,7 @@ def parse(body, *, chat: bool, tokenizer: Tokenizer, model_name: str, context: i
         if _bool(body, "echo"):
             raise APIError(400, "echo is not supported by this server", "echo")
     return Parsed(chat, prompt, max_tokens or context - len(prompt), sampling, tuple(stop or ()), logprobs, stream,
-                  include_usage)
+                  include_usage, _bool(body, "ignore_eos"))
 
 
 def completion_prompt(body: dict, tokenizer: Tokenizer) -> list[int]:

@@ -78,6 +78,7 @@ class Request:
     stop_strings: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k most likely
     timeout: float = 600.0
+    ignore_eos: bool = False
     # engine state
     cancelled: bool = False
     slot: int | None = None
@@ -280,7 +281,7 @@ class Engine:
                 self.metrics.observe_ttft(now - request.submitted)
             request.generated.append(token_id)
             self.metrics.generation_tokens += 1
-            if token_id in self.stop_ids:
+            if token_id in self.stop_ids and not request.ignore_eos:
                 self._finish(request, "stop")
                 continue
             text = request.stream.push(token_id)
