@@ -123,6 +123,13 @@ def metric(base: str, name: str) -> float:
     raise AssertionError(f"no metric {name} in /metrics")
 
 
+def wait_for(base: str, name: str, value: float, limit: float = 60) -> None:
+    deadline = time.monotonic() + limit
+    while metric(base, name) != value:
+        assert time.monotonic() < deadline, f"{name} did not reach {value} within {limit} s"
+        time.sleep(0.05)
+
+
 def chat(client, prompt: str, max_tokens: int, stream: bool = False, **kwargs):
     """(text, [(token, logprob, {top token: logprob})], finish_reason, usage) of one greedy chat request."""
     args = dict(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
@@ -268,26 +275,26 @@ def test_bad_requests_get_clear_4xx_and_the_server_lives_on(server, client):
 
 
 def test_api_key_queue_bound_and_timeout(int4_dir):
-    """A second server: one slot with prefix reuse, a queue of one, a 5 s timeout, an API key."""
+    """A second server: one slot with prefix reuse, a queue of one, a 15 s timeout, an API key."""
     process, base = start_server(int4_dir, "--max-batch", "1", "--max-queue", "1", "--context", "512",
-                                 "--request-timeout", "5", "--api-key", "sekret")
+                                 "--request-timeout", "15", "--api-key", "sekret")
     try:
         with pytest.raises(openai.AuthenticationError, match="API key"):
             openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).models.list()
         assert get(base + "/v1/models")[0] == 401 and get(base + "/v1/models", key="sekret")[0] == 200
         client = openai.OpenAI(base_url=base + "/v1", api_key="sekret", timeout=60, max_retries=0)
         check_a_chat_turn_reuses_the_previous_turns_kv(int4_dir, client)
-        long = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=400,
-                    temperature=0)
+        long = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=480,
+                    temperature=0, extra_body={"ignore_eos": True})
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             running = pool.submit(client.chat.completions.create, **long)  # takes the slot, then times out
-            time.sleep(1.5)
+            wait_for(base, "slots_busy", 1)
             waiting = pool.submit(client.chat.completions.create, **long)  # fills the queue
-            time.sleep(0.5)
+            wait_for(base, "queue_depth", 1)
             with pytest.raises(openai.RateLimitError, match="waiting"):
                 client.chat.completions.create(**long)
             for future in (running, waiting):
-                with pytest.raises(openai.InternalServerError, match="timeout of 5 s"):
+                with pytest.raises(openai.InternalServerError, match="timeout of 15 s"):
                     future.result(timeout=60)
         assert get(base + "/health")[0] == 200
     finally:
