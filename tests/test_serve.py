@@ -275,16 +275,16 @@ def test_bad_requests_get_clear_4xx_and_the_server_lives_on(server, client):
 
 
 def test_api_key_queue_bound_and_timeout(int4_dir):
-    """A second server: one slot with prefix reuse, a queue of one, a 15 s timeout, an API key."""
+    """A second server: one slot with prefix reuse, a queue of one, an 8 s timeout, an API key."""
     process, base = start_server(int4_dir, "--max-batch", "1", "--max-queue", "1", "--context", "512",
-                                 "--request-timeout", "15", "--api-key", "sekret")
+                                 "--request-timeout", "8", "--api-key", "sekret")
     try:
         with pytest.raises(openai.AuthenticationError, match="API key"):
             openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).models.list()
         assert get(base + "/v1/models")[0] == 401 and get(base + "/v1/models", key="sekret")[0] == 200
         client = openai.OpenAI(base_url=base + "/v1", api_key="sekret", timeout=60, max_retries=0)
         check_a_chat_turn_reuses_the_previous_turns_kv(int4_dir, client)
-        long = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=480,
+        long = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=400,
                     temperature=0, extra_body={"ignore_eos": True})
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             running = pool.submit(client.chat.completions.create, **long)  # takes the slot, then times out
@@ -294,7 +294,7 @@ def test_api_key_queue_bound_and_timeout(int4_dir):
             with pytest.raises(openai.RateLimitError, match="waiting"):
                 client.chat.completions.create(**long)
             for future in (running, waiting):
-                with pytest.raises(openai.InternalServerError, match="timeout of 15 s"):
+                with pytest.raises(openai.InternalServerError, match="timeout of 8 s"):
                     future.result(timeout=60)
         assert get(base + "/health")[0] == 200
     finally:
