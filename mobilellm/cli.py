@@ -69,6 +69,7 @@ COMMANDS: dict[str, str] = {
     "sft-data": "mobilellm.commands.sft:sft_data",
     "generate": "mobilellm.commands.generate:generate",
     "chat": "mobilellm.commands.generate:chat",
+    "serve": "mobilellm.commands.serve:serve",
     "kv-cache": "mobilellm.commands.kv_cache:kv_cache",
     "eval": "mobilellm.commands.eval:run_eval",
     "eval-compare": "mobilellm.commands.eval:eval_compare",

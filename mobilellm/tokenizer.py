@@ -19,6 +19,7 @@ from .schema import Schema, parse_json
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+GENERATION_CONFIG_FILE = "generation_config.json"  # sampling defaults (transformers' format)
 EXTRA_EOS_KEY = "mobilellm_eos_tokens"
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>")
 # The ChatML template our trained tokenizers carry (the same turn format SmolLM2 uses).
@@ -183,11 +184,12 @@ def _compiled_template(template: str):
 
 
 def tokenizer_files(folder: str | Path | None) -> dict[str, str]:
-    """A folder's tokenizer files as text, to be written beside a checkpoint's weights."""
+    """A folder's tokenizer files as text, to be written beside a checkpoint's weights. The generation defaults
+    (generation_config.json: sampling settings) travel with them, so converted and quantized checkpoints keep them."""
     if folder is None:
         return {}
     folder = Path(folder)
-    names = (TOKENIZER_FILE, TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE)
+    names = (TOKENIZER_FILE, TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE)
     return {name: (folder / name).read_text() for name in names if (folder / name).exists()}
 
 

@@ -76,7 +76,7 @@ def test_repetition_penalty_follows_the_ctrl_rule():
 
 
 def test_bad_sampling_settings_are_rejected():
-    for bad in (dict(temperature=-1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5), dict(repetition_penalty=0)):
+    for bad in (dict(temperature=-1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5), dict(repetition_penalty=0)):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)
 

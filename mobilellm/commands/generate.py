@@ -20,10 +20,12 @@ def set_threads(threads: int | None) -> None:
 
 
 def load(checkpoint: str):
-    """(model, tokenizer, int8 KV by default?) of a float or a quantized (int4) checkpoint."""
+    """(model, tokenizer, int8 KV by default?, the checkpoint's sampling defaults) of a float or a quantized
+    (int4) checkpoint."""
     loaded = load_checkpoint(checkpoint, require_tokenizer=True)
     # A scheme trained with int8 keys/values wants the cache to store them so.
-    return loaded.model.eval().fuse_projections(), loaded.tokenizer, bool(loaded.quant and loaded.quant.kv_int8)
+    return (loaded.model.eval().fuse_projections(), loaded.tokenizer, bool(loaded.quant and loaded.quant.kv_int8),
+            SamplingConfig.of_checkpoint(loaded.source if loaded.source.is_dir() else None))
 
 
 def pick_decode_step(model, compile: bool):
@@ -45,7 +47,7 @@ def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens
         prompt: the text to continue (an error if it does not fit the model's context)
         chat: wrap the prompt as one user turn in the tokenizer's chat template
         max_new_tokens: most tokens to generate (also stops at EOS and when the context is full)
-        sampling: how the next token is chosen
+        sampling: how the next token is chosen; unset values come from the checkpoint's generation_config.json
         int8_kv: keep the KV cache in int8 (per-token, per-head scales; always on for int8-KV quant schemes)
         stop: strings that end the generation
         threads: CPU threads for torch (1 decodes fastest on a busy machine: benchmarks/results/smollm2_decode*.json)
@@ -53,9 +55,9 @@ def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens
             int4 pro-1b decodes 1.8x faster at 2 threads: benchmarks/results/int4_roofline.json)
     """
     set_threads(threads)
-    model, tokenizer, scheme_int8_kv = load(checkpoint)
+    model, tokenizer, scheme_int8_kv, defaults = load(checkpoint)
     for piece in generate_text(model, tokenizer, prompt, chat=chat, max_new_tokens=max_new_tokens,
-                               sampling=sampling, int8_kv=int8_kv or scheme_int8_kv, stop_strings=stop or (),
+                               sampling=sampling.over(defaults), int8_kv=int8_kv or scheme_int8_kv, stop_strings=stop or (),
                                decode_step=pick_decode_step(model, compile)):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -74,14 +76,14 @@ def chat(checkpoint: str, *, system: str | None = None, max_new_tokens: int = 51
         system: a system message opening the conversation
         max_new_tokens: most tokens per reply
         max_context: tokens the conversation may hold (capped at the model's context)
-        sampling: how the next token is chosen
+        sampling: how the next token is chosen; unset values come from the checkpoint's generation_config.json
         int8_kv: keep the KV cache in int8 (per-token, per-head scales)
         threads: CPU threads for torch (1 decodes fastest on a busy machine)
         compile: torch.compile the decode step once for the whole conversation (as for generate)
     """
     set_threads(threads)
-    model, tokenizer, scheme_int8_kv = load(checkpoint)
-    session = ChatSession(model, tokenizer, max_context=max_context, sampling=sampling,
+    model, tokenizer, scheme_int8_kv, defaults = load(checkpoint)
+    session = ChatSession(model, tokenizer, max_context=max_context, sampling=sampling.over(defaults),
                           max_new_tokens=max_new_tokens, int8_kv=int8_kv or scheme_int8_kv, system=system,
                           decode_step=pick_decode_step(model, compile))
     run_chat(session, sys.stdin, sys.stdout)

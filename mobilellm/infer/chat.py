@@ -17,29 +17,56 @@ from .engine import ContextError, check_fits, decode_one_token, generate, new_ca
 from .sampling import SamplingConfig, find_stop, safe_prefix
 
 
-def stream_text(tokenizer: Tokenizer, token_ids: Iterable[int], stop_strings: Sequence[str] = ()) -> Iterator[str]:
-    """Turn a stream of token ids into a stream of text pieces, stopping at the first stop string.
+class TextStream:
+    """Token ids in, text pieces out, one token at a time, stopping at the first stop string.
 
     The whole reply is re-decoded each step (byte-level BPE merges across token boundaries), and a tail
     that is half a character or could grow into a stop string is held back until it resolves.
     """
-    ids: list[int] = []
-    shown = 0
-    for token_id in token_ids:
-        ids.append(token_id)
-        text = tokenizer.decode(ids, skip_special=True)
-        cut = find_stop(text, stop_strings)
+
+    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = ()):
+        self.tokenizer, self.stop_strings = tokenizer, tuple(stop_strings)
+        self.ids: list[int] = []
+        self.shown = 0
+        self.stopped = False  # a stop string was reached: nothing more comes out
+
+    def push(self, token_id: int) -> str:
+        """The text that token_id makes safe to show ('' while held back); sets `stopped` at a stop string."""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special=True)
+        cut = find_stop(text, self.stop_strings)
         if cut is not None:
-            if cut > shown:
-                yield text[shown:cut]
+            self.stopped = True
+            piece = text[self.shown:cut] if cut > self.shown else ""
+            self.shown = max(self.shown, cut)
+            return piece
+        end = safe_prefix(text, self.stop_strings)
+        if end <= self.shown:
+            return ""
+        piece, self.shown = text[self.shown:end], end
+        return piece
+
+    def finish(self) -> str:
+        """What was held back, once no token follows (nothing after a stop string)."""
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.ids, skip_special=True)
+        piece, self.shown = text[self.shown:], len(text)
+        return piece
+
+
+def stream_text(tokenizer: Tokenizer, token_ids: Iterable[int], stop_strings: Sequence[str] = ()) -> Iterator[str]:
+    """Turn a stream of token ids into a stream of text pieces, stopping at the first stop string (TextStream)."""
+    stream = TextStream(tokenizer, stop_strings)
+    for token_id in token_ids:
+        piece = stream.push(token_id)
+        if piece:
+            yield piece
+        if stream.stopped:
             return
-        end = safe_prefix(text, stop_strings)
-        if end > shown:
-            yield text[shown:end]
-            shown = end
-    text = tokenizer.decode(ids, skip_special=True)
-    if len(text) > shown:
-        yield text[shown:]
+    piece = stream.finish()
+    if piece:
+        yield piece
 
 
 class ChatSession:

@@ -91,7 +91,7 @@ def generate(model, prompt: Sequence[int] | torch.Tensor, cache: KVCache, *, max
     seen = list(history if history is not None else tokens[0].tolist())
     stop = set(stop_ids)
     for i in range(max_new_tokens):
-        past = torch.tensor([seen], dtype=torch.long, device=device) if sampling.repetition_penalty != 1.0 else None
+        past = torch.tensor([seen], dtype=torch.long, device=device) if sampling.penalty != 1.0 else None
         token = sample(logits, sampling, past, generator)  # (1,)
         token_id = int(token)
         yield token_id

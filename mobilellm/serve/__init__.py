@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: HTTP layer (app.py, protocol.py) apart from the batching scheduler (scheduler.py)."""
