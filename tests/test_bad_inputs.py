@@ -108,6 +108,10 @@ CASES = [  # (breaks the folder, command line, what the message must name)
     (template_syntax_error, GEN + ["--chat"], ["chat template", "TemplateSyntaxError"]),
     (much_larger_model, GEN, ["wrong tokenizer", "more than padding"]),
     (special_id_not_covered, GEN, ["wrong tokenizer", "special token ids"]),
+    (no_ffn_field, ["merge", "{ckpt}", "{ckpt}", "--out", "{out}"], ["config.json", "intermediate_size"]),
+    (wrong_type_in_ours, ["merge", "{ckpt}", "{ckpt}", "--out", "{out}"], [CONFIG_FILE, "'dim'"]),
+    (wrong_type_in_ours, ["serve", "{ckpt}", "--port", "0"], [CONFIG_FILE, "'dim'"]),
+    (tokenizer_config_not_json, ["serve", "{ckpt}", "--port", "0"], ["tokenizer_config.json"]),
 ]
 
 
