@@ -115,7 +115,7 @@ def _add_parameter(parser, param: inspect.Parameter, hint, help_text: str, dest:
         kwargs["type"] = _non_negative(hint)
     elif hint in (str, Path):
         kwargs["type"] = hint
-    flag = "--" + param.name.replace("_", "-")
+    flag = "--" + param.name.rstrip("_").replace("_", "-")  # from_ -> --from (a Python keyword)
     if param.kind is inspect.Parameter.KEYWORD_ONLY:
         if param.default is inspect.Parameter.empty:
             kwargs["required"] = True
