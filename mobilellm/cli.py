@@ -77,6 +77,7 @@ COMMANDS: dict[str, str] = {
     "extend-context": "mobilellm.commands.long_context:extend_context",
     "position-loss": "mobilellm.commands.long_context:position_loss",
     "retrieval": "mobilellm.commands.long_context:retrieval",
+    "pipeline": "mobilellm.commands.pipeline:pipeline",
     "lm-eval-hook": "mobilellm.commands.lm_eval_hook:lm_eval_hook",
 }
 

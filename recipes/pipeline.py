@@ -21,7 +21,9 @@ from mobilellm.train.objectives import CE, KD
 from mobilellm.train.optim import OptimConfig, Schedule
 from mobilellm.train.recipe import Recipe
 
-from . import pro_1b as pro
+import sys
+
+from . import pro_1b as _  # noqa: F401 (the module, for its constants below)
 from .dpo import dpo
 from .phase2 import phase2
 from .qat import qat
@@ -29,6 +31,7 @@ from .sdm import starter_proxy
 from .sft import sft
 from .specialists import specialist
 
+pro = sys.modules[__package__ + ".pro_1b"]  # the package's `pro_1b` is the recipe function
 LOSSES = {"kd": KD, "ce": CE}
 
 

@@ -438,8 +438,9 @@ def build_stages(plan: Plan) -> list[Stage]:
         stage("corpus", corpus_stage, (), {"corpus": plan.corpus}, corpus_external),
         stage("tokenize", tokenize_stage, ("corpus",), {"val_fraction": plan.corpus.val_fraction},
               {"tokenizer": plan.tokenizer}),
-        stage("mix", mix_stage, ("tokenize",), {"mix": plan.mix, "proxy": plan.mix.proxy.summary()},
-              call=plan.mix.proxy, trains=False),
+        Stage("mix", partial(mix_stage, plan), ("tokenize",),
+              jsonable({"mix": plan.mix, "proxy": plan.mix.proxy.summary()}), tokens=plan.mix.proxy.tokens(),
+              flops=training_flops(plan, plan.mix.proxy, plan.mix.proxy("SHARDS", tokenizer="TOKENIZER").student)),
         stage("phase1", phase1_stage, ("tokenize", "mix"), {"recipe": plan.phase1.summary(), "student": student},
               {"teacher": plan.teacher}, call=plan.phase1, teacher=teacher_n, trains=True),
     ]
@@ -488,21 +489,21 @@ def dry_run_text(plan: Plan, stages: list[Stage]) -> str:
     accelerator-hours at the stated MFU."""
     lines = [f"pipeline {plan.name}: {len(stages)} stages; student {plan.student.name} "
              f"({_params(plan.student):,} parameters), teacher {plan.teacher}"]
-    header = f"{'stage':<16} {'reads':<34} {'tokens':>18}"
+    header = f"{'stage':<16} {'reads':<44} {'tokens':>18}"
     compute = plan.compute
     if compute:
         header += f" {'FLOPs':>10} {compute.device + '-hours':>12}"
     lines += [header, "-" * len(header)]
     total_tokens = total_flops = 0.0
     for s in stages:
-        row = f"{s.name:<16} {', '.join(s.needs) or '-':<34} {'' if s.tokens is None else f'{s.tokens:,}':>18}"
+        row = f"{s.name:<16} {', '.join(s.needs) or '-':<44} {'' if s.tokens is None else f'{s.tokens:,}':>18}"
         total_tokens += s.tokens or 0
         if compute:
             hours = (s.flops or 0) / (compute.peak_flops * compute.mfu) / 3600
             total_flops += s.flops or 0
             row += f" {'' if s.flops is None else f'{s.flops:.2e}':>10} {'' if s.flops is None else f'{hours:,.0f}':>12}"
         lines.append(row)
-    total = f"{'total':<16} {'':<34} {f'{total_tokens:,.0f}':>18}"
+    total = f"{'total':<16} {'':<44} {f'{total_tokens:,.0f}':>18}"
     if compute:
         hours = total_flops / (compute.peak_flops * compute.mfu) / 3600
         total += f" {total_flops:.2e} {f'{hours:,.0f}':>12}"
