@@ -41,6 +41,8 @@ def environment() -> dict:
 def fmt(value, digits: int = 4) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.{digits}f}" if abs(value) < 1e5 else f"{value:.3e}"
     if isinstance(value, int):

@@ -169,7 +169,7 @@ def merge_stage(plan: Plan, run: StageRun) -> StageResult:
     out = run.work / "merged"
     merge_search(models, data=run.input("tokenize", "shards"), out=out, step=spec.step, seq_len=spec.seq_len,
                  batch_size=spec.batch_size, val_batches=spec.val_batches)
-    search = read_json_object(run.work / "merged.search.json")
+    search = read_json_object(run.work / "merged.search.json", fix="run the merge stage again")
     metrics = {"domains": list(plan.specialist_domains), "best": search["best"], "uniform": search["uniform"],
                "trials": search["trials"]}
     return StageResult({"checkpoint": "merged"}, metrics=metrics,
@@ -282,13 +282,16 @@ def evaluate_model(plan: Plan, run: StageRun, name: str, checkpoint: Path) -> di
     """Held-out loss (per batch, for paired comparisons) and the multiple-choice tasks of one checkpoint."""
     from ..eval.lm import EvalLM
     from ..eval.report import run_tasks, save_results
-    from ..train.loop import validation_loss
+    from ..train.losses import CrossEntropy
 
     lm = EvalLM.load(checkpoint, progress=False)
     batches = held_out_batches(plan, run.input("tokenize", "shards"))
-    per_batch = [validation_loss(lm.model, [b]) for b in batches]
-    tokens = [int((b["targets"] != -100).sum()) for b in batches]
-    loss = sum(l * t for l, t in zip(per_batch, tokens)) / sum(tokens)
+    ce = CrossEntropy(chunk_size=1024)  # a fixed chunk: an int4 head has no float weight to size it by
+    with torch.no_grad():
+        sums = [float(ce(lm.model, b)) for b in batches]
+    tokens = [int(ce.count(b)) for b in batches]
+    per_batch = [s / t for s, t in zip(sums, tokens)]
+    loss = sum(sums) / sum(tokens)
     result = {"checkpoint": str(checkpoint), "held_out_loss": loss, "held_out_perplexity": math.exp(loss),
               "held_out_batches": per_batch, "held_out_tokens": sum(tokens), "model": None, "tasks": {}}
     if plan.eval.tasks:
@@ -403,8 +406,9 @@ def export_stage(plan: Plan, run: StageRun, final_stage: str) -> StageResult:
             outputs["pte"] = "model.pte"
             metrics["pte"] = "model.pte"
         except ImportError as err:
-            metrics["pte"] = f"skipped: {err}"
-            run.log(f"[export] .pte skipped: {err}")
+            metrics["pte"] = f"skipped: ExecuTorch is not installed ({err}); pip install -c constraints.txt " \
+                             "'mobilellm[executorch]' to export one"
+            run.log(f"[export] .pte {metrics['pte']}")
     return StageResult(outputs, metrics=metrics,
                        lineage=[{"checkpoint": str(run.final / "int4"), "from": [str(run.input(final_stage, "int4"))],
                                  "how": "export (copy of the final int4 model)"}])
