@@ -176,9 +176,9 @@ def run_pipeline(stages: list[Stage], out: str | Path, *, from_: str | None = No
     runs each training stage as `torchrun --nproc-per-node N -m mobilellm.cli pipeline ... --stage NAME`, the
     `relaunch` arguments (the pipeline command's own) naming the plan.
     """
+    first, last = select(stages, from_, until, only)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    first, last = select(stages, from_, until, only)
     records: dict[str, Record] = {}
     rank = int(os.environ.get("RANK", 0))
     for index, stage in enumerate(stages[:last + 1]):
