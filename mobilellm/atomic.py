@@ -82,11 +82,20 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_folder(tmp, folder, sync=False)
+
+
+def replace_folder(src: str | Path, folder: str | Path, *, sync: bool = True) -> None:
+    """Rename the finished folder `src` onto `folder` (same filesystem), replacing an existing one: a reader
+    sees the old folder or the new one, never a mix. `sync`: first sync `src`'s files to disk."""
+    src, folder = Path(src), Path(folder)
+    if sync:
+        _fsync_tree(src)
     old = None
     if folder.exists():
         old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
         os.replace(folder, old)
-    os.replace(tmp, folder)
+    os.replace(src, folder)
     _fsync_dir(folder.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -77,6 +77,7 @@ COMMANDS: dict[str, str] = {
     "extend-context": "mobilellm.commands.long_context:extend_context",
     "position-loss": "mobilellm.commands.long_context:position_loss",
     "retrieval": "mobilellm.commands.long_context:retrieval",
+    "pipeline": "mobilellm.commands.pipeline:pipeline",
     "lm-eval-hook": "mobilellm.commands.lm_eval_hook:lm_eval_hook",
 }
 
@@ -115,7 +116,7 @@ def _add_parameter(parser, param: inspect.Parameter, hint, help_text: str, dest:
         kwargs["type"] = _non_negative(hint)
     elif hint in (str, Path):
         kwargs["type"] = hint
-    flag = "--" + param.name.replace("_", "-")
+    flag = "--" + param.name.rstrip("_").replace("_", "-")  # from_ -> --from (a Python keyword)
     if param.kind is inspect.Parameter.KEYWORD_ONLY:
         if param.default is inspect.Parameter.empty:
             kwargs["required"] = True

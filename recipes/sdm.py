@@ -26,16 +26,17 @@ PROXY = ModelConfig.from_name("starter-student").replace(
 
 
 def starter_proxy(shards: str | None = None, *, steps: int = 40, rows: int = 4, seq_len: int = 128,
-                  lr: float = 3e-3, seed: int = 0) -> Recipe:
+                  lr: float = 3e-3, seed: int = 0, tokenizer: str | None = None, proxy: ModelConfig = PROXY) -> Recipe:
+    """The proxy run; `tokenizer` (default: SmolLM2's, fetched) and `proxy` (the model) for other shards."""
     return Recipe(
         name="starter-proxy",
-        student=PROXY,
+        student=proxy,
         train=TrainConfig(steps=steps, schedule=Schedule(peak_lr=lr, total_steps=steps, warmup_steps=max(1, steps // 10),
                                                          decay="cosine", final_lr=lr / 10), print_every=10),
         seq_len=seq_len,
         global_batch_rows=rows,
         shards=shards or str(shards_dir()),
-        tokenizer=str(fetch_smollm2()),
+        tokenizer=tokenizer or str(fetch_smollm2()),
         objective=CE(),
         seed=seed,
         val_batches=0,

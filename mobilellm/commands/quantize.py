@@ -63,24 +63,17 @@ def qat(checkpoint: str, *, scheme: str, data: Path, out: Path, steps: int = 100
     """
     from recipes.qat import qat as qat_recipe
 
-    from ..quant.qat import QATPrepare, load_prepared
+    from ..quant.qat import run_qat_recipe
     from ..train.distributed import init_parallel
-    from ..train.recipe import run_recipe
 
     recipe = qat_recipe(str(checkpoint), str(data), scheme=scheme, steps=steps, batch_rows=batch_size,
                         seq_len=seq_len, lr=lr, self_distillation=self_distillation, save_every=save_every,
                         eval_every=eval_every)
-    config = next(t.config for t in recipe.transforms if isinstance(t, QATPrepare))
     processes = init_parallel(parallel)
-    result = run_recipe(recipe, run_dir or Path(str(out) + ".run"), resume=resume, parallel=processes,
-                        micro_batch=micro_batch)
+    result = run_qat_recipe(recipe, run_dir or Path(str(out) + ".run"), out, resume=resume, parallel=processes,
+                            micro_batch=micro_batch)
     if not processes.is_main:
         return
-    # One process holds every weight only when unsharded; the final checkpoint always holds them all.
-    trained = result.model if processes.world_size == 1 else load_prepared(result.checkpoint, config)
-    with torch.no_grad():
-        model = convert(trained.eval(), config)
-    save_quantized(model, config, out, extra_files=tokenizer_files(result.checkpoint))
     losses = [loss for loss in result.losses if loss == loss]
     summary = f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {len(losses)} steps" if losses else "no new steps"
     print(f"QAT {scheme}: {summary}; saved {out}")

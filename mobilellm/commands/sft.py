@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..atomic import write_json_atomic, write_text_atomic
 
 
 def _run(recipe, out: Path, resume: bool, parallel: str | None, micro_batch: int | None) -> None:
@@ -123,22 +122,9 @@ def sft_data(*, out: Path, tasks: list[str] | None = None, max_per_task: int = 5
         val_fraction: the fraction of items held out (in sft_val.jsonl and dpo_val.jsonl)
         seed: sampling seed
     """
-    import json
+    from ..data.instructions import DEFAULT_TASKS, write_instructions
 
-    from ..data.instructions import DEFAULT_TASKS, build_instructions, check_tasks
-    from ..eval.tasks.bigbench import fetch_bigbench
-
-    names = list(tasks or DEFAULT_TASKS)
-    check_tasks(names)
-    root = fetch_bigbench(names)
-    data = build_instructions(names, max_per_task=max_per_task, val_fraction=val_fraction, seed=seed, root=root)
-    out = Path(out)
-    for name, records in (("sft.jsonl", data.train), ("sft_val.jsonl", data.val), ("dpo.jsonl", data.pairs),
-                          ("dpo_val.jsonl", data.val_pairs)):
-        write_text_atomic(out / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    write_json_atomic(out / "manifest.json", {"source": "bigbench==1.0.0 (PyPI)", "tasks": data.counts,
-                                              "seed": seed, "max_per_task": max_per_task,
-                                              "val_fraction": val_fraction})
+    data = write_instructions(out, list(tasks or DEFAULT_TASKS), max_per_task=max_per_task,
+                              val_fraction=val_fraction, seed=seed)
     print(f"{len(data.train):,} instructions ({len(data.val):,} held out) and {len(data.pairs):,} preference pairs "
-          f"({len(data.val_pairs):,} held out) "
-          f"from {len(names)} BIG-bench tasks in {out}")
+          f"({len(data.val_pairs):,} held out) from {len(data.counts)} BIG-bench tasks in {out}")

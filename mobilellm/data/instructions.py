@@ -111,3 +111,28 @@ def build_instructions(tasks: list[str] | tuple[str, ...] = DEFAULT_TASKS, *, ma
         if not data.counts[name]["instructions"]:
             raise DataError(f"BIG-bench task {name} gave no instruction (no example with an input and one answer)")
     return data
+
+
+INSTRUCTION_FILES = {"sft": "sft.jsonl", "sft_val": "sft_val.jsonl", "dpo": "dpo.jsonl", "dpo_val": "dpo_val.jsonl"}
+
+
+def write_instructions(out, tasks: list[str], *, max_per_task: int | None = 500, val_fraction: float = 0.05,
+                       seed: int = 0) -> InstructionData:
+    """`build_instructions` from BIG-bench (fetched once) written to OUT: sft.jsonl, sft_val.jsonl, dpo.jsonl,
+    dpo_val.jsonl and manifest.json (items per task), each file atomically."""
+    import json
+    from pathlib import Path
+
+    from ..atomic import write_json_atomic, write_text_atomic
+    from ..eval.tasks.bigbench import fetch_bigbench
+
+    check_tasks(tasks)
+    data = build_instructions(tasks, max_per_task=max_per_task, val_fraction=val_fraction, seed=seed,
+                              root=fetch_bigbench(tasks))
+    out = Path(out)
+    for key, records in (("sft", data.train), ("sft_val", data.val), ("dpo", data.pairs), ("dpo_val", data.val_pairs)):
+        write_text_atomic(out / INSTRUCTION_FILES[key], "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                                for r in records))
+    write_json_atomic(out / "manifest.json", {"source": "bigbench==1.0.0 (PyPI)", "tasks": data.counts, "seed": seed,
+                                              "max_per_task": max_per_task, "val_fraction": val_fraction})
+    return data

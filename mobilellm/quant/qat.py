@@ -64,3 +64,28 @@ def load_prepared(folder: str | Path, config: QuantConfig) -> nn.Module:
         raise CheckpointError(f"{folder} is not a QAT checkpoint of the {config.scheme} scheme: missing "
                               f"{missing[:4]}, unexpected {result.unexpected_keys[:4]}")
     return model
+
+
+def run_qat_recipe(recipe, run_dir: str | Path, out: str | Path, *, resume: bool = False, parallel=None,
+                   micro_batch: int | None = None) -> TrainResult:
+    """A recipe whose transforms hold a `QATPrepare` (QAT, or QAT-aware SFT/DPO) trained through `run_recipe` into
+    `run_dir`, then converted to the scheme's int4 model and saved to `out` (by the main process). Returns the
+    loop's result (its model the trained, prepared one)."""
+    from ..train.distributed import init_parallel
+    from ..train.recipe import run_recipe
+    from ..tokenizer import tokenizer_files
+    from .checkpoint import save_quantized
+
+    prepared = [t.config for t in recipe.transforms if isinstance(t, QATPrepare)]
+    if len(prepared) != 1:
+        raise ValueError(f"recipe {recipe.name!r} needs exactly one QATPrepare transform to be converted to int4")
+    config = prepared[0]
+    parallel = parallel or init_parallel(None)
+    result = run_recipe(recipe, run_dir, resume=resume, parallel=parallel, micro_batch=micro_batch)
+    if parallel.is_main:
+        # One process holds every weight only when unsharded; the final checkpoint always holds them all.
+        trained = result.model if parallel.world_size == 1 else load_prepared(result.checkpoint, config)
+        with torch.no_grad():
+            model = convert(trained.eval(), config)
+        save_quantized(model, config, out, extra_files=tokenizer_files(result.checkpoint))
+    return result
