@@ -169,6 +169,7 @@ def evaluate(checkpoint: Path, dataset: TokenDataset, budget: Budget, docs, log=
 
 def cached(path: Path, key: dict, compute) -> dict:
     """compute() once per key: the teacher's evaluation is the same for every seed."""
+    key = json.loads(json.dumps(key))  # as it reads back: tuples become lists
     if path.exists():
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
