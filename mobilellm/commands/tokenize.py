@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data.shards import tokenize_to_shards
+from ..data.sharding import tokenize_to_shards
 from ..data.sources import DEFAULT_PATTERNS, Source
 from ..tokenizer import Tokenizer
 
