@@ -20,9 +20,14 @@ why). The tasks of a cluster engine (mobilellm.data.cluster) call the same funct
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import os
 import re
+import signal
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -261,7 +266,29 @@ def _entry_counts(entry: dict) -> tuple[int, int]:
 _WORKER: dict = {}
 
 
+def _die_with_parent() -> None:
+    """A killed run must not leave workers behind writing shards: on Linux the kernel kills a worker when its
+    parent dies (PR_SET_PDEATHSIG); elsewhere a thread polls for the parent."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0:  # 1: PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the parent died before the call
+                os._exit(1)
+            return
+    except (OSError, AttributeError):
+        pass
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _init_worker(tokenizer: Tokenizer, progress_dir: Path | None) -> None:
+    _die_with_parent()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the workers are the parallelism
     _WORKER.update(tokenizer=tokenizer, board=ProgressBoard(progress_dir, f"worker-{os.getpid()}"))
 

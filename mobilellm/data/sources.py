@@ -76,6 +76,16 @@ def suffix_kind(path: Path) -> str | None:
                  if name.endswith(suffix)), None)
 
 
+def default_domain(path: Path) -> str:
+    """The domain an input is named after: a folder's name, or a file's name less its format suffix."""
+    path = Path(path)
+    kind_suffix = next((suffix for suffix in sorted(_SUFFIX_KINDS, key=len, reverse=True)
+                        if path.name.lower().endswith(suffix)), None)
+    if path.is_dir() or not path.suffix:
+        return path.name
+    return path.name[:-len(kind_suffix)] if kind_suffix else path.stem
+
+
 @dataclass(frozen=True)
 class Source:
     """One input: a path, how to read it (kind=None: from the path), and the text field / file patterns."""
