@@ -238,9 +238,14 @@ def _write_shard(out: Path, name: str, texts: list[str], tokenizer: Tokenizer, d
     characters = sum(map(len, texts))
     entry = {"name": name, "input_digest": _chunk_digest(texts), "characters": characters}
 
+    seen = [0, 0]  # characters encoded, input bytes credited: bytes in proportion, summing to span_bytes
+
     def progress(documents, tokens, chars):
+        seen[0] += chars
+        credit = span_bytes * seen[0] // max(characters, 1) - seen[1]
+        seen[1] += credit
         if board is not None:
-            board.add(documents, tokens, span_bytes * chars // max(characters, 1))
+            board.add(documents, tokens, credit)
 
     held_out = [is_validation(t, val_fraction) for t in texts]
     for split in SPLITS:
