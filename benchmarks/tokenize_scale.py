@@ -205,8 +205,8 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input-mb", type=float, default=32.0, help="text of the throughput input")
-    parser.add_argument("--big-gb", type=float, default=3.0, help="text of the memory input")
-    parser.add_argument("--memory-seconds", type=float, default=120.0, help="how long the big input is streamed")
+    parser.add_argument("--big-gb", type=float, default=2.0, help="text of the memory input")
+    parser.add_argument("--memory-seconds", type=float, default=150.0, help="how long the big input is streamed")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: SmolLM2-135M's)")
     parser.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()), help="where the inputs go")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: check that it runs")
