@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from data_helpers import make_texts, tiny_tokenizer, write_jsonl
