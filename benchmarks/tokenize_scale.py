@@ -112,14 +112,14 @@ def measured(args: list[str], *, limit_s: float | None = None, progress_dir: Pat
 
 
 # ---- the measured processes (run as `python tokenize_scale.py _ours ...`) --------------------------------
-def ours(input_path: str, tokenizer_dir: str, out: str, workers: str) -> None:
+def ours(input_path: str, tokenizer_dir: str, out: str, workers: str, shard_chars: str) -> None:
     from mobilellm.data import Source, tokenize_to_shards
     from mobilellm.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(tokenizer_dir)
     start = time.perf_counter()
     manifest = tokenize_to_shards({"web": [Source(Path(input_path))]}, tokenizer, out, workers=int(workers),
-                                  progress=False)
+                                  shard_chars=int(shard_chars), progress=False)
     seconds = time.perf_counter() - start
     record = manifest["domains"]["web"]
     print(json.dumps({"seconds": seconds, "tokens": record["tokens"], "documents": record["documents"],
@@ -211,9 +211,13 @@ def main() -> None:
     parser.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()), help="where the inputs go")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: check that it runs")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--memory-shard-chars", type=int, default=16_000_000,
+                        help="shard size of the memory run (the default of `mobilellm tokenize`)")
     args = parser.parse_args()
     if args.smoke:
-        args.input_mb, args.big_gb, args.memory_seconds = 1.0, 0.05, 15.0
+        args.input_mb, args.big_gb, args.memory_seconds, args.memory_shard_chars = 1.0, 0.05, 20.0, 1_000_000
+    # Throughput: 32 shards, so that both workers stay busy to the end (a real corpus has thousands).
+    shard_chars = max(int(args.input_mb * 1e6 / 32), 10_000)
     out_path = args.out or (Path(tempfile.gettempdir()) / "tokenize_scale_smoke.json" if args.smoke
                             else Path(__file__).parent / "results" / "tokenize_scale.json")
     if args.tokenizer is None:
@@ -228,7 +232,7 @@ def main() -> None:
         runs = {}
         for workers in (1, 2):
             runs[f"ours_{workers}_workers"] = measured([script, "_ours", str(small), str(args.tokenizer),
-                                                        str(tmp / f"shards{workers}"), str(workers)])
+                                                        str(tmp / f"shards{workers}"), str(workers), str(shard_chars)])
             print(f"ours, {workers} worker(s):", {k: v for k, v in runs[f"ours_{workers}_workers"].items()})
         runs["datasets_map_num_proc_2"] = measured([script, "_datasets", str(small), str(args.tokenizer),
                                                     str(tmp / "hf-cache"), "2"])
@@ -240,13 +244,14 @@ def main() -> None:
         assert runs["ours_1_workers"]["tokens"] == runs["ours_2_workers"]["tokens"] == \
             runs["datasets_map_num_proc_2"]["tokens"], "the same tokenizer must give the same tokens"
         inputs["memory"] = write_input(big, pool, int(args.big_gb * 1e9))
-        streamed = measured([script, "_ours", str(big), str(args.tokenizer), str(tmp / "big-shards"), "2"],
+        streamed = measured([script, "_ours", str(big), str(args.tokenizer), str(tmp / "big-shards"), "2",
+                             str(args.memory_shard_chars)],
                             limit_s=args.memory_seconds, progress_dir=tmp / "big-shards" / "tasks" / "progress")
     one, two, hf = runs["ours_1_workers"], runs["ours_2_workers"], runs["datasets_map_num_proc_2"]
     rss_late = [s["rss_mib"] for s in streamed.get("samples", []) if s["input_bytes_done"] > 0]
     results = {
         "machine": machine_info(), "smoke": args.smoke, "tokenizer": str(args.tokenizer), "inputs": inputs,
-        "throughput": runs,
+        "shard_chars": {"throughput": shard_chars, "memory": args.memory_shard_chars}, "throughput": runs,
         "ratios": {"ours_2_vs_1_workers": two["tokens_per_s"] / one["tokens_per_s"],
                    "ours_2_workers_vs_datasets_map": two["tokens_per_s"] / hf["tokens_per_s"],
                    "ours_2_workers_vs_datasets_map_only": two["tokens_per_s"] / (hf["tokens"] / hf["map_s"])},

@@ -225,3 +225,17 @@ def test_memory_mapped_reading_of_many_shards(corpus, tokenizer_dir, tmp_path):
     store = TokenDataset(tmp_path / "o").documents("big")
     assert len(store) == 1500 and isinstance(store.tokens[0], np.memmap)
     assert tok.decode(store.document(1499)[:-1].tolist()) == texts["big"][1499]
+
+
+def test_without_datatrove_the_engine_says_what_to_install(corpus, tokenizer_dir, tmp_path, monkeypatch, capsys):
+    import sys
+
+    import mobilellm.data
+
+    monkeypatch.delitem(sys.modules, "mobilellm.data.cluster", raising=False)
+    monkeypatch.delattr(mobilellm.data, "cluster", raising=False)  # set on the package by an earlier import
+    for name in ("datatrove", "datatrove.executor", "datatrove.pipeline.base"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    assert main(["tokenize", str(corpus[0] / "big.jsonl"), "--tokenizer", str(tokenizer_dir), "--out",
+                 str(tmp_path / "s"), "--engine", "datatrove", "--no-progress"]) == 2
+    assert "pip install 'mobilellm[cluster]'" in capsys.readouterr().err
