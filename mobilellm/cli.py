@@ -56,6 +56,7 @@ COMMANDS: dict[str, str] = {
     "convert": "mobilellm.commands.convert:convert",
     "corpus": "mobilellm.commands.corpus:corpus",
     "tokenize": "mobilellm.commands.tokenize:tokenize",
+    "tokenize-slurm": "mobilellm.commands.tokenize:tokenize_slurm",
     "pretrain": "mobilellm.commands.pretrain:pretrain",
     "mix": "mobilellm.commands.mix:mix",
     "plot": "mobilellm.commands.plot:plot",

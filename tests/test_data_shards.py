@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from data_helpers import make_texts, tiny_tokenizer, write_jsonl
-from mobilellm.data import shards
-from mobilellm.data.shards import TokenDataset, is_validation, token_dtype, tokenize_to_shards
+from mobilellm.data import sharding as shards
+from mobilellm.data.sharding import tokenize_to_shards
+from mobilellm.data.shards import FORMAT, TokenDataset, is_validation, token_dtype
 from mobilellm.data.sources import DataError, Source
 from mobilellm.tokenizer import TokenizerError
 
@@ -87,7 +88,7 @@ def test_manifest_names_the_tokenizer_and_a_mismatch_is_refused(tmp_path, tokeni
 def test_missing_or_unfinished_shards_are_refused(tmp_path):
     with pytest.raises(DataError, match="no manifest.json in .*mobilellm tokenize"):
         TokenDataset(tmp_path)
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": shards.FORMAT, "domains": {
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": FORMAT, "domains": {
         "d": {"complete": False, "shards": []}}}))
     with pytest.raises(DataError, match="domain 'd' .* was not finished .*re-run the same tokenize command"):
         TokenDataset(tmp_path)
@@ -123,7 +124,7 @@ def test_resume_after_interruption_skips_finished_shards(tmp_path, tokenizer, mo
     monkeypatch.setattr(shards, "_write_shard", lambda out, name, *a, **k: written.append(name) or real_write(out, name, *a, **k))
     resumed = tokenize_to_shards(domains, tokenizer, tmp_path / "out", val_fraction=0.1, shard_chars=1500,
                                  progress=False)
-    assert written == [f"d-{k:05d}" for k in range(3, n_shards)]  # only the unfinished shards
+    assert written == [f"d-00000-{k:05d}" for k in range(3, n_shards)]  # only the unfinished shards
     assert resumed["domains"] == clean["domains"]
     a, b = TokenDataset(tmp_path / "clean"), TokenDataset(tmp_path / "out")
     for split in ("train", "val"):
@@ -156,7 +157,7 @@ def test_domains_can_be_added_to_a_folder(tmp_path, tokenizer, monkeypatch):
     tokenize_to_shards({"a": [Source(tmp_path / "a.jsonl")],
                         "b": [Source(write_jsonl(tmp_path / "b.jsonl", make_texts(40, seed=3)))]},
                        tokenizer, out, progress=False)
-    assert written == ["b-00000"] and TokenDataset(out).domains == ["a", "b"]
+    assert written == ["b-00000-00000"] and TokenDataset(out).domains == ["a", "b"]
 
 
 def test_bad_arguments(tmp_path, tokenizer):

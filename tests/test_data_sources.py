@@ -53,7 +53,7 @@ def test_empty_documents_are_skipped_and_counted(tmp_path):
     (tmp_path / "real.txt").write_text("content")
     stats = SourceStats()
     assert list(read_documents(Source(tmp_path), stats)) == ["content"]
-    assert stats.documents == 1 and len(stats.empty_skipped) == 2
+    assert stats.documents == 1 and stats.skipped == {"empty": 2}
     assert "skipped 2 empty documents" in stats.summary() and "blank.txt" in stats.summary()
 
 
@@ -91,7 +91,7 @@ def test_hf_dataset_saved_on_disk(tmp_path):
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "ds"))
     stats = SourceStats()
     assert list(read_documents(Source(tmp_path / "ds"), stats)) == texts[:-1]
-    assert len(stats.empty_skipped) == 1
+    assert stats.skipped == {"empty": 1}
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts[:3]})}).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(DataError, match=r"holds several splits \(train\); point at one of them"):
         list(read_documents(Source(tmp_path / "dd")))

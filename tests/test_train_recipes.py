@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mobilellm.cli import main as cli
-from mobilellm.data.shards import tokenize_to_shards
+from mobilellm.data.sharding import tokenize_to_shards
 from mobilellm.data.sources import Source
 from mobilellm.hf import load_pretrained, read_config, save_pretrained
 from mobilellm.model import build_model

@@ -6,7 +6,8 @@ from .chat_batches import ChatData
 from .mixture import DomainSampler, MixtureLoader, normalize_weights, validation_batches
 from .packing import IGNORE_INDEX, Packer, collate, window_example
 from .pair_batches import PreferenceData
-from .shards import DocumentStore, TokenDataset, tokenize_to_shards, tokenizer_identity
+from .sharding import tokenize_to_shards
+from .shards import DocumentStore, TokenDataset, tokenizer_identity
 from .sources import DataError, Source, SourceStats, read_documents
 
 __all__ = [

@@ -264,7 +264,7 @@ def starter_shards(tokenizer_dir: str | Path, out: str | Path, *, val_fraction: 
                    domains: tuple[str, ...] = DOMAINS) -> Path:
     """The starter corpus's `domains` tokenized with the tokenizer in `tokenizer_dir` into `out`, built and
     tokenized once (a finished shard folder is reused as it is)."""
-    from .shards import tokenize_to_shards
+    from .sharding import tokenize_to_shards
 
     out = Path(out)
     if not (out / "manifest.json").exists():

@@ -90,7 +90,7 @@ def corpus_stage(plan: Plan, run: StageRun) -> StageResult:
 
 
 def tokenize_stage(plan: Plan, run: StageRun) -> StageResult:
-    from ..data.shards import tokenize_to_shards
+    from ..data.sharding import tokenize_to_shards
     from ..data.starter import corpus_sources
     from ..tokenizer import Tokenizer
 
