@@ -102,7 +102,8 @@ def starter() -> Plan:
         corpus=CorpusSpec(domains=("prose", "code", "math"), max_chars=2_000_000, val_fraction=0.02),
         mix=MixSpec(RecipeCall(proxy, {"steps": 40, "batch_rows": 4, "seq_len": 128}), target_domains=("math",),
                     checkpoints=4, probe_rows=8),
-        phase1=RecipeCall(phase1, {"steps": 60, "batch_rows": 4, "seq_len": 128, "save_every": 20, "eval_every": 20}),
+        phase1=RecipeCall(phase1, {"steps": 80, "batch_rows": 8, "seq_len": 128, "lr": 1e-3, "save_every": 20,
+                                   "eval_every": 20}),
         phase2=RecipeCall(phase2, {"seq_len": 512, "rope_theta": 400_000.0, "short_doc_tokens": 128, "steps": 16,
                                    "batch_rows": 2, "lr": 4e-4, "save_every": 8, "top_k": 32}),
         specialists=RecipeCall(specialist, {"steps": 10, "lr": 1e-4, "batch_rows": 4, "seq_len": 128, "save_every": 5}),
@@ -110,8 +111,8 @@ def starter() -> Plan:
         merge=MergeSpec(step=0.25, seq_len=128, batch_size=4, val_batches=3),
         qat=RecipeCall(qat, {"scheme": "cpu", "steps": 16, "batch_rows": 4, "seq_len": 128, "lr": 1e-4,
                              "save_every": 8}),
-        instruct=InstructSpec(sft=RecipeCall(sft, {"steps": 20, "batch_rows": 4, "seq_len": 256, "lr": 3e-4,
-                                                   "save_every": 10}),
+        instruct=InstructSpec(sft=RecipeCall(sft, {"steps": 40, "batch_rows": 4, "seq_len": 256, "lr": 6e-4,
+                                                   "save_every": 20}),
                               dpo=RecipeCall(dpo, {"steps": 8, "batch_rows": 2, "seq_len": 512, "lr": 5e-5,
                                                    "precompute_reference": True, "save_every": 4}),
                               tasks=SFT_TASKS, max_per_task=60),
@@ -177,6 +178,19 @@ PLANS = {"starter": starter, "starter-experiment": starter_experiment, "pro-1b":
 
 
 def get_plan(name: str) -> Plan:
+    """A plan of PLANS by name, or `package.module:function` (a function of the user's code returning a Plan)."""
+    if ":" in name:
+        import importlib
+
+        module, _, function = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), function)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"pipeline recipe {name!r}: cannot import {function} from {module} ({err})") from None
+        plan = fn()
+        if not isinstance(plan, Plan):
+            raise ValueError(f"pipeline recipe {name!r} returned {type(plan).__name__}, not a Plan")
+        return plan
     if name not in PLANS:
-        raise ValueError(f"unknown pipeline recipe {name!r}; known: {', '.join(PLANS)}")
+        raise ValueError(f"unknown pipeline recipe {name!r}; known: {', '.join(PLANS)}, or package.module:function")
     return PLANS[name]()

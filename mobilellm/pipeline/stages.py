@@ -263,10 +263,13 @@ def baseline_stage(plan: Plan, run: StageRun) -> StageResult:
         results[name] = evaluate_model(plan, run, name, ckpt)
     comparisons = {f"seed{seed}": compare(results[f"kd-seed{seed}"], results[f"ce-seed{seed}"])
                    for seed in plan.baseline.seeds}
-    summary = {"arms": {n: strip(r) for n, r in results.items()}, "kd_vs_ce": comparisons}
+    summary = {"arms": {n: strip(r) for n, r in results.items()}, "kd_vs_ce": comparisons,
+               "tokens_per_arm": recipe_tokens(phase1_recipe(plan, run))}
     write_json_atomic(run.work / "baseline.json", summary)
-    return StageResult({"results": "baseline.json"}, metrics=summary,
-                       tokens=sum(recipe_tokens(phase1_recipe(plan, run)) for _ in arms))
+    trained = [name for name in arms if name != f"kd-seed{kd_seed}"]
+    runs = {name: name for name in trained}
+    return StageResult({"results": "baseline.json"}, metrics=summary, files=runs,
+                       tokens=summary["tokens_per_arm"] * len(trained))
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------
@@ -338,8 +341,10 @@ def eval_stage(plan: Plan, run: StageRun, final_stage: str) -> StageResult:
         loaded = load(fp)
         save_quantized(quantize_(loaded.model.eval(), quant_config(plan)), quant_config(plan), ptq,
                        extra_files=loaded.tokenizer_files)
+    # "final, fake quant" is the instruction-tuned model before its int4 conversion: what SFT/DPO changed apart
+    # from what the conversion did.
     models = {"full precision": fp, "PTQ int4": ptq, "QAT int4": run.input("qat", "int4"),
-              "final int4": run.input(final_stage, "int4")}
+              "final, fake quant": run.input(final_stage, "checkpoint"), "final int4": run.input(final_stage, "int4")}
     results = {name: evaluate_model(plan, run, name.replace(" ", "-"), path) for name, path in models.items()}
     comparisons = {name: compare(results["full precision"], results[name]) for name in models if name != "full precision"}
     files, needle = {}, {}
