@@ -173,6 +173,8 @@ def test_a_run_killed_at_a_random_point_restarts_and_ends_with_the_same_final_we
     partial = sorted(p.name for p in killed.glob("*.partial"))
     assert run_tiny_process(inputs_root, killed).wait() == 0
     assert not list(killed.glob("*.partial"))
+    for name in partial:  # the stage it was in resumed in its partial folder
+        assert read_record(killed / name.removesuffix(".partial")).data["resumed"], name
     for stage, output in (("merge", "checkpoint"), ("qat", "int4"), ("dpo", "checkpoint"), ("export", "int4")):
         a, b = read_record(whole / stage).path(output), read_record(killed / stage).path(output)
         # The weights (merge.json names its run's own paths; resume/ holds process RNG states)

@@ -208,6 +208,7 @@ def run_pipeline(stages: list[Stage], out: str | Path, *, from_: str | None = No
     `relaunch` arguments (the pipeline command's own) naming the plan.
     """
     first, last = select(stages, from_, until, only)
+    env = environment()  # the code this process imported: its commit now, not when a stage ends
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     records: dict[str, Record] = {}
@@ -240,7 +241,7 @@ def run_pipeline(stages: list[Stage], out: str | Path, *, from_: str | None = No
                 raise PipelineError(f"stage {stage.name} under torchrun did not finish with key {key[:12]}")
         else:
             record = run_stage(stage, out, inputs, external, key, fresh=forced, strategy=strategy, log=log,
-                               publish=rank == 0)
+                               publish=rank == 0, env=env)
             if record is None:  # a process other than the first under torchrun: the first one publishes
                 return records
         records[stage.name] = record
@@ -258,7 +259,7 @@ def launch(name: str, nproc: int, args: list[str], log) -> None:
 
 
 def run_stage(stage: Stage, out: Path, inputs: dict[str, Record], external: dict[str, dict], key: str, *,
-              fresh: bool, strategy: str | None, log, publish: bool = True) -> Record | None:
+              fresh: bool, strategy: str | None, log, publish: bool = True, env: dict | None = None) -> Record | None:
     final, work = out / stage.name, out / f"{stage.name}.partial"
     started = read_json_object(work / KEY_FILE, fix="remove that folder") if (work / KEY_FILE).exists() else None
     if publish and work.exists() and (fresh or started is None or started.get("key") != key):
@@ -282,7 +283,7 @@ def run_stage(stage: Stage, out: Path, inputs: dict[str, Record], external: dict
         "outputs": {name: {"path": rel, "sha256": content_hash(work / rel)} for name, rel in result.outputs.items()},
         "files": result.files, "metrics": result.metrics, "tokens": result.tokens, "budget_tokens": stage.tokens,
         "seconds": seconds, "resumed": resumed, "started": begun,
-        "processes": int(os.environ.get("WORLD_SIZE", 1)), "environment": environment(),
+        "processes": int(os.environ.get("WORLD_SIZE", 1)), "environment": env or environment(),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "lineage": result.lineage,
     }
     write_json_atomic(work / STAGE_FILE, data)
