@@ -145,6 +145,8 @@ def test_kd_versus_ce_arms_same_tokens_and_seed_two_seeds_paired_in_the_report(i
         diffs = [b - a for a, b in zip(kd["held_out_batches"], ce["held_out_batches"])]
         assert c["held_out_loss"]["diff"] == pytest.approx(sum(diffs) / len(diffs))
         assert c["tasks"] and c["tasks"][0]["task"] == "arc_easy" and "stderr" in c["tasks"][0]
+    assert [e["how"] for e in base.data["lineage"]] == [f"phase 1 baseline arm: {a}" for a in
+                                                         ("ce, seed 0", "kd, seed 1", "ce, seed 1")]
     text = write_report(plan, out, list(records)).read_text()
     assert "## Knowledge distillation against its baseline" in text and "report-figures/kd-vs-ce.png" in text
     for arm, r in m["arms"].items():

@@ -250,7 +250,8 @@ def quant_section(doc: Doc, ev: dict):
              "documents, which instruction tuning is not trained on.")
     doc.para("Each model against full precision, paired on the same batches / items "
              "(mobilellm.eval.stats, eval.report.paired_comparison):")
-    doc.table(["model", "metric", "full precision", "model", "diff", "stderr", "95% interval", "verdict"],
+    doc.table(["model", "metric", "full precision", "model", "diff", "stderr", "95% interval",
+               "model against full precision"],
               [row for name, c in ev["vs_full_precision"].items() for row in comparison_rows(name, c)])
 
 
@@ -265,7 +266,7 @@ def baseline_section(doc: Doc, records: dict[str, Record], out: Path):
     doc.table(["arm", "held-out loss", "perplexity"] + tasks,
               [[a, r["held_out_loss"], r["held_out_perplexity"]] + [score(r, t) for t in tasks]
                for a, r in m["arms"].items()])
-    doc.table(["seed", "metric", "KD", "CE", "diff (CE - KD)", "stderr", "95% interval", "verdict"],
+    doc.table(["seed", "metric", "KD", "CE", "diff (CE - KD)", "stderr", "95% interval", "CE against KD"],
               [row for seed, c in m["kd_vs_ce"].items() for row in comparison_rows(seed, c)])
     curves = {}
     for arm in m["arms"]:

@@ -248,7 +248,7 @@ def baseline_stage(plan: Plan, run: StageRun) -> StageResult:
     from ..train.objectives import CE
 
     kd_seed = phase1_recipe(plan, run).seed
-    arms, results = {}, {}
+    arms, results, lineage = {}, {}, []
     for seed in plan.baseline.seeds:
         for arm in ("kd", "ce"):
             name = f"{arm}-seed{seed}"
@@ -258,7 +258,10 @@ def baseline_stage(plan: Plan, run: StageRun) -> StageResult:
             recipe = phase1_recipe(plan, run).replace(seed=seed)
             if arm == "ce":
                 recipe = recipe.replace(objective=CE())
-            arms[name] = train(run, recipe, sub=name)[0]
+            teacher = (f"teacher {plan.teacher}",) if arm == "kd" else ()
+            arms[name], _, entry = train(run, recipe, sub=name, parents=(
+                f"scratch ({plan.student.name}, seed {seed})", *teacher), how=f"phase 1 baseline arm: {arm}, seed {seed}")
+            lineage.append(entry)
     for name, ckpt in arms.items():
         results[name] = evaluate_model(plan, run, name, ckpt)
     comparisons = {f"seed{seed}": compare(results[f"kd-seed{seed}"], results[f"ce-seed{seed}"])
@@ -268,7 +271,7 @@ def baseline_stage(plan: Plan, run: StageRun) -> StageResult:
     write_json_atomic(run.work / "baseline.json", summary)
     trained = [name for name in arms if name != f"kd-seed{kd_seed}"]
     runs = {name: name for name in trained}
-    return StageResult({"results": "baseline.json"}, metrics=summary, files=runs,
+    return StageResult({"results": "baseline.json"}, metrics=summary, files=runs, lineage=lineage,
                        tokens=summary["tokens_per_arm"] * len(trained))
 
 
