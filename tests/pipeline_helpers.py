@@ -85,6 +85,13 @@ def tiny_plan(files: dict) -> Plan:
     )
 
 
+def env_tiny_plan() -> Plan:
+    """`--recipe tests.pipeline_helpers:env_tiny_plan`: the tiny plan on the inputs under $MOBILELLM_TINY_INPUTS."""
+    import os
+
+    return tiny_plan(make_inputs(Path(os.environ["MOBILELLM_TINY_INPUTS"])))
+
+
 if __name__ == "__main__":  # python -m tests.pipeline_helpers INPUTS OUT: the tiny pipeline in its own process
     import torch
 

@@ -16,12 +16,13 @@ import pytest
 
 from mobilellm.cli import main as cli
 from mobilellm.loading import load
-from mobilellm.pipeline import build_stages, content_hash, read_record, run_pipeline, write_report
+from mobilellm.pipeline import BaselineSpec, build_stages, content_hash, read_record, run_pipeline, write_report
 from tests.pipeline_helpers import make_inputs, tiny_plan
 from tests.train_common import one_thread  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["corpus", "tokenize", "mix", "phase1", "phase2", "specialists", "merge", "qat", "sft", "dpo", "eval", "export"]
+MODELS = ["full precision", "PTQ int4", "QAT int4", "final, fake quant", "final int4"]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,8 @@ def test_pipeline_end_to_end_then_skips_then_reruns_only_a_changed_stage_and_aft
     final = load(records["export"].path("int4"))
     assert final.quant is not None and final.quant.scheme == "cpu" and final.model.config.max_seq_len == 256
     ev = records["eval"].data["metrics"]
-    assert set(ev["models"]) == {"full precision", "PTQ int4", "QAT int4", "final int4"}
+    assert list(ev["models"]) == MODELS
+    assert ev["models"]["final, fake quant"]["checkpoint"] == str(records["dpo"].path("checkpoint"))
     assert ev["vs_full_precision"]["PTQ int4"]["tasks"][0]["task"] == "arc_easy"
     assert records["export"].data["metrics"]["pte"].startswith(("model.pte", "skipped: ExecuTorch"))
 
@@ -64,9 +66,7 @@ def test_pipeline_end_to_end_then_skips_then_reruns_only_a_changed_stage_and_aft
     for section in ("Environment", "Summary", "Loss curves", "Data mix", "Long context", "Merge",
                     "Full precision vs PTQ vs QAT", "The final int4 model", "Lineage of every checkpoint"):
         assert f"## {section}" in text and section in page
-    assert page.count("data:image/png;base64,") >= 5 and "report-figures/losses.png" in text
-    weights = records["mix"].data["metrics"]["weights"]
-    assert f"| count | {records['mix'].data['metrics']['utilities']['count']:.4f} | {weights['count']:.4f}" in text
+    check_report_numbers(records, text, page)
 
     records, lines = run(plan, out)  # nothing changed: everything skipped
     assert ran(lines) == [] and sum("up to date" in line for line in lines) == len(ORDER)
@@ -83,6 +83,75 @@ def test_pipeline_end_to_end_then_skips_then_reruns_only_a_changed_stage_and_aft
         run(changed.replace(merge=dataclasses.replace(changed.merge, val_batches=1)), out, from_="sft")
     records, lines = run(changed, out, from_="export", until="export")
     assert ran(lines) == ["export"] and list(records) == ORDER
+
+
+def check_report_numbers(records, text, page):
+    """The report's numbers are the run's own: each one looked up in the stage.json it comes from."""
+    figures = ["report-figures/losses.png", "report-figures/phase1-val.png", "mix/mix.png",
+               "eval/needle-full-precision.png", "eval/needle-final-int4.png", "eval/position-loss.png",
+               "merge/merged.search.png"]
+    assert all(f"]({f})" in text for f in figures) and page.count("data:image/png;base64,") == len(figures)
+    assert "src=\"report-figures" not in page and "<img src=\"data:image/png;base64," in page  # self-contained
+    env = records["phase1"].data["environment"]
+    assert f"| commit | {env['commit']} |" in text and f"| torch | {env['torch']} |" in text
+    mix = records["mix"].data["metrics"]
+    assert f"| count | {mix['utilities']['count']:.4f} | {mix['weights']['count']:.4f}" in text
+    for name in ORDER:  # summary rows: tokens and wall time
+        data = records[name].data
+        tokens = "-" if data["tokens"] is None else f"{data['tokens']:,}"
+        assert f"| {name} | {tokens} |" in text
+    ev = records["eval"].data["metrics"]
+    for name, result in ev["models"].items():
+        assert f"| {name} | {result['held_out_loss']:.4f} | {result['held_out_perplexity']:.4f} |" in text
+    grid = ev["needle"]["final int4"]
+    assert f"Needle, final int4: mean {grid['mean']:.3f}" in text
+    curve = ev["position_loss"]["curves"]["phase 2 (IPD)"]["loss"]
+    assert "| phase 2 (IPD) | " + " | ".join(f"{v:.4f}" for v in curve) + " |" in text
+    merge = records["merge"].data["metrics"]
+    assert f"| searched | {[round(w, 3) for w in merge['best']['weights']]} |" in text
+    assert f"{merge['best']['report_losses']['mean']:.4f} |" in text
+    export = records["export"].data["metrics"]
+    assert f"| size (weights on disk) | {export['size_bytes'] / 1e6:.2f} MB |" in text
+    assert f"| decode tokens/s (greedy, this machine) | {export['decode_tokens_per_s']:.4f} |" in text
+    assert f"| answer | {repr(export['answer']).replace('|', '/')} |" in text
+    for name in ORDER:
+        for entry in records[name].data["lineage"]:
+            assert f"| {name} | {entry['checkpoint']} | {'; '.join(entry['from'])} |" in text
+
+
+def test_kd_versus_ce_arms_same_tokens_and_seed_two_seeds_paired_in_the_report(inputs, tmp_path):
+    plan = tiny_plan(inputs)  # a 64-token phase-1 context: the multiple-choice items fit the arms
+    plan, out = plan.replace(name="tiny-experiment", phase1=plan.phase1.replace(seq_len=64),
+                             baseline=BaselineSpec(seeds=(0, 1))), tmp_path / "x"
+    records, lines = run(plan, out, until="phase1-baseline")
+    assert ran(lines) == ["corpus", "tokenize", "mix", "phase1", "phase1-baseline"]
+    base = records["phase1-baseline"]
+    m = base.data["metrics"]
+    assert list(m["arms"]) == ["kd-seed0", "ce-seed0", "kd-seed1", "ce-seed1"]
+    assert m["arms"]["kd-seed0"]["checkpoint"] == str(records["phase1"].path("checkpoint"))  # the main run
+    main = json.loads((records["phase1"].file("run") / "recipe.json").read_text())
+    for arm in ("ce-seed0", "kd-seed1", "ce-seed1"):
+        recipe = json.loads((base.file(arm) / "recipe.json").read_text())
+        assert recipe["objective"]["kind"] == ("CE" if arm.startswith("ce") else "KD"), recipe["objective"]
+        assert recipe["seed"] == int(arm[-1])
+        for key in ("seq_len", "global_batch_rows", "domain_weights", "student"):
+            assert recipe[key] == main[key], key
+        assert recipe["train"]["steps"] == main["train"]["steps"]
+    assert base.data["tokens"] == 3 * m["tokens_per_arm"] == 3 * records["phase1"].data["tokens"]
+    for seed in ("seed0", "seed1"):
+        c = m["kd_vs_ce"][seed]
+        kd, ce = m["arms"][f"kd-{seed}"], m["arms"][f"ce-{seed}"]
+        assert c["held_out_loss"]["a"] == kd["held_out_loss"] and c["held_out_loss"]["b"] == ce["held_out_loss"]
+        diffs = [b - a for a, b in zip(kd["held_out_batches"], ce["held_out_batches"])]
+        assert c["held_out_loss"]["diff"] == pytest.approx(sum(diffs) / len(diffs))
+        assert c["tasks"] and c["tasks"][0]["task"] == "arc_easy" and "stderr" in c["tasks"][0]
+    assert [e["how"] for e in base.data["lineage"]] == [f"phase 1 baseline arm: {a}" for a in
+                                                         ("ce, seed 0", "kd, seed 1", "ce, seed 1")]
+    text = write_report(plan, out, list(records)).read_text()
+    assert "## Knowledge distillation against its baseline" in text and "report-figures/kd-vs-ce.png" in text
+    for arm, r in m["arms"].items():
+        assert f"| {arm} | {r['held_out_loss']:.4f} | {r['held_out_perplexity']:.4f} |" in text
+    assert f"| seed1 | held-out loss | {m['kd_vs_ce']['seed1']['held_out_loss']['a']:.4f} |" in text
 
 
 def run_tiny_process(inputs_root, out):
@@ -104,14 +173,45 @@ def test_a_run_killed_at_a_random_point_restarts_and_ends_with_the_same_final_we
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     partial = sorted(p.name for p in killed.glob("*.partial"))
+    started = [name for name in partial if (killed / name / "key.json").exists()]  # past its first instant
     assert run_tiny_process(inputs_root, killed).wait() == 0
     assert not list(killed.glob("*.partial"))
+    for name in started:  # the stage it was in resumed in its partial folder
+        assert read_record(killed / name.removesuffix(".partial")).data["resumed"], name
     for stage, output in (("merge", "checkpoint"), ("qat", "int4"), ("dpo", "checkpoint"), ("export", "int4")):
         a, b = read_record(whole / stage).path(output), read_record(killed / stage).path(output)
         # The weights (merge.json names its run's own paths; resume/ holds process RNG states)
         weights = sorted(p.relative_to(a) for p in a.glob("*.safetensors"))
         assert weights and weights == sorted(p.relative_to(b) for p in b.glob("*.safetensors"))
         assert [content_hash(a / w) for w in weights] == [content_hash(b / w) for w in weights], (stage, partial)
+
+
+@pytest.mark.slow
+def test_nproc_per_node_2_runs_each_training_stage_under_torchrun_and_matches_one_process(inputs, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    inputs_root = Path(inputs["tokenizer"]).parent
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MOBILELLM_TINY_INPUTS": str(inputs_root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "mobilellm.cli", "pipeline", "--recipe",
+                           "tests.pipeline_helpers:env_tiny_plan", "--out", str(out), "--nproc-per-node", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trains = [s.name for s in build_stages(tiny_plan(inputs)) if s.trains]
+    assert trains == ["phase1", "phase2", "specialists", "qat", "sft", "dpo"]
+    for name in ORDER:
+        record = read_record(out / name)
+        assert record.data["processes"] == (2 if name in trains else 1), name
+        assert (f"[pipeline] {name}: " + "torch.distributed.run --standalone --nproc-per-node 2") in done.stdout \
+            if name in trains else f"[pipeline] {name}: running in" in done.stdout
+    assert "final int4 model" in done.stdout and "> the quick" in done.stdout and (out / "report.html").exists()
+    single, _ = run(tiny_plan(inputs), tmp_path / "one", until="phase1")  # the same stage in one process
+    a = load_file(read_record(out / "phase1").path("checkpoint") / "model.safetensors")
+    b = load_file(single["phase1"].path("checkpoint") / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:  # the same global batches, split over 2 processes: the same weights up to summation order
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-4, msg=key)
 
 
 def test_pro_1b_dry_run_states_each_stage_budget_and_its_compute(capsys, tmp_path):

@@ -22,7 +22,8 @@ def pipeline(*, recipe: str = "starter", out: Path | None = None, from_: str | N
     budgets; --dry-run states its compute).
 
     Args:
-        recipe: starter, starter-experiment or pro-1b
+        recipe: starter, starter-experiment or pro-1b (recipes/pipeline.py), or package.module:function, a
+            function of your own code returning a mobilellm.pipeline.Plan
         out: the run folder (default: runs/RECIPE)
         from_: run again from this stage on (the stages before it must be finished)
         until: stop after this stage
@@ -63,5 +64,6 @@ def pipeline(*, recipe: str = "starter", out: Path | None = None, from_: str | N
     print(f"report: {report} and {report.with_suffix('.html')}")
     if "export" in records:
         m = records["export"].data["metrics"]
+        answer = m["answer"] if m["answer"].strip() else f"(no text: {m['answer']!r}, {m['new_tokens']} tokens)"
         print(f"final int4 model {records['export'].path('int4')} ({m['size_bytes'] / 1e6:.1f} MB, "
-              f"{m['decode_tokens_per_s'] or 0:.1f} tok/s decode)\n> {m['prompt']}\n{m['answer']}")
+              f"{m['decode_tokens_per_s'] or 0:.1f} tok/s decode)\n> {m['prompt']}\n{answer}")

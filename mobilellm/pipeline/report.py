@@ -11,31 +11,12 @@ from __future__ import annotations
 import base64
 import html
 import os
-import platform
-import subprocess
-import sys
 from pathlib import Path
 
 from ..atomic import write_text_atomic
 from .runner import Record, read_record
 
 FIGURES = "report-figures"
-
-
-def environment() -> dict:
-    import torch
-
-    from .. import __version__
-
-    root = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown (not a git checkout)"
-    return {"machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
-            "cores": os.cpu_count(), "torch threads": torch.get_num_threads(), "os": platform.platform(),
-            "python": sys.version.split()[0], "torch": torch.__version__, "mobilellm": __version__, "commit": commit}
 
 
 def fmt(value, digits: int = 4) -> str:
@@ -171,6 +152,132 @@ def comparison_rows(label: str, comparison: dict) -> list[list]:
     return rows
 
 
+def environment_rows(records: dict[str, Record]) -> list[list]:
+    """The environment each stage recorded in its stage.json (one row per setting; stages that differ are named)."""
+    envs = {n: r.data["environment"] for n, r in records.items() if r.data.get("environment")}
+    if not envs:
+        return [["environment", "not recorded by these stages"]]
+    keys = list(next(iter(envs.values())))
+    rows = []
+    for key in keys:
+        values = {}
+        for name, env in envs.items():
+            values.setdefault(fmt(env.get(key)), []).append(name)
+        rows.append([key, values.popitem()[0] if len(values) == 1 else
+                     "; ".join(f"{v} ({', '.join(ns)})" for v, ns in values.items())])
+    return rows
+
+
+def val_figure(curves: dict[str, list[tuple[int, float]]], out: Path, name: str, title: str) -> Path | None:
+    """Held-out CE by step, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not any(curves.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, points in curves.items():
+        if points:
+            ax.plot(*zip(*points), "o-", label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out CE (nats/token)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / FIGURES / name
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def val_curve(folder: Path) -> list[tuple[int, float]]:
+    from ..train.metrics import read_metrics
+
+    if not (folder / "metrics.jsonl").exists():
+        return []
+    return [(r["step"], r["val_loss"]) for r in read_metrics(folder) if r.get("val_loss") is not None]
+
+
+def score_columns(results: dict[str, dict]) -> list[str]:
+    return sorted({t for r in results.values() for t in r["tasks"]})
+
+
+def score(result: dict, task: str):
+    r = result["tasks"].get(task)
+    return r["metrics"][r["main_metric"]] if r else None
+
+
+def summary_section(doc: Doc, records: dict[str, Record]):
+    doc.heading("Summary")
+    total = sum(r.data["seconds"] for r in records.values())
+    doc.table(["stage", "tokens", "budget tokens", "wall time", "processes", "resumed", "key metric"],
+              [[n, r.data["tokens"], r.data.get("budget_tokens"), duration(r.data["seconds"]),
+                r.data.get("processes", 1), r.data["resumed"], key_metric(r)] for n, r in records.items()])
+    started = min((r.data["started"] for r in records.values() if r.data.get("started")), default=None)
+    finished = max((r.data["finished"] for r in records.values() if r.data.get("finished")), default=None)
+    doc.para(f"Total wall time of the stages: {duration(total)} ({total:.0f} s); first stage started {started}, "
+             f"last finished {finished} (UTC).")
+
+
+def merge_section(doc: Doc, record: Record):
+    m = record.data["metrics"]
+    domains = [d for d in m["best"]["report_losses"] if d != "mean"]
+    doc.heading("Merge")
+    doc.para(f"Specialists merged: {', '.join(m['domains'])}. Held-out loss by domain on the report half of the "
+             "held-out documents (the search used the other half):")
+    doc.table(["", "weights (" + ", ".join(m["domains"]) + ")", "search loss"] + domains + ["mean"],
+              [[label, [round(w, 3) for w in r["weights"]], r.get("search_loss")]
+               + [r["report_losses"][d] for d in domains] + [r["report_losses"]["mean"]]
+               for label, r in (("searched", m["best"]), ("uniform", m["uniform"]))])
+    trials = sorted(m["trials"], key=lambda t: t["score"])
+    doc.para(f"Weight search: {len(trials)} candidates; the five best by search loss:")
+    doc.table(["weights", "search loss"], [[[round(w, 3) for w in t["weights"]], t["score"]] for t in trials[:5]])
+    doc.figure(record.file("figure"), "merge weight search")
+
+
+def quant_section(doc: Doc, ev: dict):
+    doc.heading("Full precision vs PTQ vs QAT")
+    tasks = score_columns(ev["models"])
+    doc.table(["model", "held-out loss", "perplexity", "size on disk"] + tasks,
+              [[n, r["held_out_loss"], r["held_out_perplexity"], (r["model"] or {}).get("size_on_disk_bytes")]
+               + [score(r, t) for t in tasks] for n, r in ev["models"].items()])
+    doc.para("full precision: the merged model; PTQ int4: it, quantized without training; QAT int4: after QAT; "
+             "final, fake quant: after instruction tuning (SFT/DPO) with the fake quantization on, before the int4 "
+             "conversion; final int4: the model exported. Held-out loss is on the pretraining data's held-out "
+             "documents, which instruction tuning is not trained on.")
+    doc.para("Each model against full precision, paired on the same batches / items "
+             "(mobilellm.eval.stats, eval.report.paired_comparison):")
+    doc.table(["model", "metric", "full precision", "model", "diff", "stderr", "95% interval",
+               "model against full precision"],
+              [row for name, c in ev["vs_full_precision"].items() for row in comparison_rows(name, c)])
+
+
+def baseline_section(doc: Doc, records: dict[str, Record], out: Path):
+    record = records["phase1-baseline"]
+    m = record.data["metrics"]
+    doc.heading("Knowledge distillation against its baseline (phase 1, same tokens and seed)")
+    doc.para(f"Each arm trains phase 1 from scratch on {fmt(m.get('tokens_per_arm'))} tokens of the same mix: kd "
+             "(KL to the teacher) or ce (next-token cross-entropy), same seed per pair. The paper: 49.31 -> 53.74 "
+             "average (SPEC.md 2.1).")
+    tasks = score_columns(m["arms"])
+    doc.table(["arm", "held-out loss", "perplexity"] + tasks,
+              [[a, r["held_out_loss"], r["held_out_perplexity"]] + [score(r, t) for t in tasks]
+               for a, r in m["arms"].items()])
+    doc.table(["seed", "metric", "KD", "CE", "diff (CE - KD)", "stderr", "95% interval", "CE against KD"],
+              [row for seed, c in m["kd_vs_ce"].items() for row in comparison_rows(seed, c)])
+    curves = {}
+    for arm in m["arms"]:
+        folder = record.file(arm)
+        if folder is None and "phase1" in records:  # the main run is the KD arm of its seed
+            folder = records["phase1"].file("run")
+        curves[arm] = val_curve(folder) if folder is not None else []
+    doc.figure(val_figure(curves, out, "kd-vs-ce.png", "phase 1: held-out CE, KD vs CE"),
+               "held-out CE by step, each arm")
+
+
 def write_report(plan, out: str | Path, stage_names: list[str] | None = None) -> Path:
     """Write OUT/report.md and OUT/report.html from the finished stages' records."""
     out = Path(out)
@@ -179,15 +286,13 @@ def write_report(plan, out: str | Path, stage_names: list[str] | None = None) ->
     doc = Doc(out)
     doc.heading(f"mobilellm pipeline: {plan.name}", 1)
     doc.heading("Environment")
-    doc.table(["", "value"], [[k, v] for k, v in environment().items()])
-    doc.heading("Summary")
-    total = sum(r.data["seconds"] for r in records.values())
-    doc.table(["stage", "tokens", "budget tokens", "wall time", "resumed", "key metric"],
-              [[n, r.data["tokens"], r.data.get("budget_tokens"), duration(r.data["seconds"]), r.data["resumed"],
-                key_metric(r)] for n, r in records.items()])
-    doc.para(f"Total wall time of the stages: {duration(total)} ({total:.0f} s).")
+    doc.table(["", "value"], environment_rows(records))
+    summary_section(doc, records)
     doc.heading("Loss curves")
     doc.figure(loss_figure(records, out), "training loss per stage")
+    if "phase1" in records:
+        doc.figure(val_figure({"phase 1": val_curve(records["phase1"].file("run"))}, out, "phase1-val.png",
+                              "phase 1: held-out CE"), "phase 1 held-out CE by step")
     if "mix" in records:
         m = records["mix"].data["metrics"]
         doc.heading("Data mix (SDM)")
@@ -199,49 +304,29 @@ def write_report(plan, out: str | Path, stage_names: list[str] | None = None) ->
         doc.heading("Long context")
         for name, grid in ev["needle"].items():
             doc.para(f"Needle, {name}: mean {grid['mean']:.3f} over lengths {grid['lengths']} x depths {grid['depths']}.")
+            doc.table(["depth"] + [f"{n:,} tokens" for n in grid["lengths"]],
+                      [[d] + list(row) for d, row in zip(grid["depths"], grid["accuracy"])])
             doc.figure(records["eval"].file(f"needle {name}"), f"needle heatmap: {name}")
         if ev["position_loss"]:
-            doc.table(["model"] + [f"pos {a}-{b - 1}" for a, b in zip(
-                next(iter(ev["position_loss"]["curves"].values()))["edges"][:-1],
-                next(iter(ev["position_loss"]["curves"].values()))["edges"][1:])],
-                [[n] + c["loss"] for n, c in ev["position_loss"]["curves"].items()])
+            edges = next(iter(ev["position_loss"]["curves"].values()))["edges"]
+            doc.para(f"Loss by position over {ev['position_loss']['documents']} held-out documents:")
+            doc.table(["model"] + [f"pos {a}-{b - 1}" for a, b in zip(edges[:-1], edges[1:])],
+                      [[n] + c["loss"] for n, c in ev["position_loss"]["curves"].items()])
             doc.figure(records["eval"].file("position loss"), "loss by position")
     if "merge" in records:
-        m = records["merge"].data["metrics"]
-        doc.heading("Merge")
-        doc.table(["", "weights (" + ", ".join(m["domains"]) + ")", "report loss (mean)"],
-                  [["searched", [round(w, 3) for w in m["best"]["weights"]], m["best"]["report_losses"]["mean"]],
-                   ["uniform", [round(w, 3) for w in m["uniform"]["weights"]], m["uniform"]["report_losses"]["mean"]]])
-        doc.figure(records["merge"].file("figure"), "merge weight search")
+        merge_section(doc, records["merge"])
     if "eval" in records:
-        ev = records["eval"].data["metrics"]
-        doc.heading("Full precision vs PTQ vs QAT")
-        tasks = sorted({t for r in ev["models"].values() for t in r["tasks"]})
-        doc.table(["model", "held-out loss", "perplexity", "size on disk"] + tasks,
-                  [[n, r["held_out_loss"], r["held_out_perplexity"],
-                    (r["model"] or {}).get("size_on_disk_bytes")]
-                   + [r["tasks"][t]["metrics"][r["tasks"][t]["main_metric"]] if t in r["tasks"] else None for t in tasks]
-                   for n, r in ev["models"].items()])
-        doc.para("Each int4 model against full precision, paired on the same batches / items "
-                 "(mobilellm.eval.stats, eval.report.paired_comparison):")
-        doc.table(["model", "metric", "full precision", "int4", "diff", "stderr", "95% interval", "verdict"],
-                  [row for name, c in ev["vs_full_precision"].items() for row in comparison_rows(name, c)])
+        quant_section(doc, records["eval"].data["metrics"])
     if "phase1-baseline" in records:
-        m = records["phase1-baseline"].data["metrics"]
-        doc.heading("Knowledge distillation against its baseline (phase 1, same tokens and seed)")
-        tasks = sorted({t for r in m["arms"].values() for t in r["tasks"]})
-        doc.table(["arm", "held-out loss"] + tasks,
-                  [[a, r["held_out_loss"]] + [r["tasks"][t]["metrics"][r["tasks"][t]["main_metric"]]
-                                             if t in r["tasks"] else None for t in tasks] for a, r in m["arms"].items()])
-        doc.table(["seed", "metric", "KD", "CE", "diff (CE - KD)", "stderr", "95% interval", "verdict"],
-                  [row for seed, c in m["kd_vs_ce"].items() for row in comparison_rows(seed, c)])
+        baseline_section(doc, records, out)
     if "export" in records:
         m = records["export"].data["metrics"]
         doc.heading("The final int4 model")
         doc.table(["", "value"], [["scheme", m["scheme"]], ["size (weights on disk)", f"{m['size_bytes'] / 1e6:.2f} MB"],
                                   ["decode tokens/s (greedy, this machine)", m["decode_tokens_per_s"]],
                                   ["torch threads", m["threads"]], [".pte", m.get("pte", "-")],
-                                  ["prompt", m["prompt"]], ["answer", m["answer"]]])
+                                  ["prompt", m["prompt"]], ["answer", repr(m["answer"])],
+                                  ["new tokens", m.get("new_tokens")]])
     doc.heading("Lineage of every checkpoint")
     doc.table(["stage", "checkpoint", "made from", "how"],
               [[n, e["checkpoint"], "; ".join(e["from"]), e["how"]] for n, r in records.items()

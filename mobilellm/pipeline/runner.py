@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -122,6 +123,36 @@ def content_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def environment() -> dict:
+    """Where a stage ran: machine, versions, the commit of this checkout (recorded in each stage.json)."""
+    import torch
+
+    from .. import __version__
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        commit += " (with uncommitted changes)" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown (not a git checkout)"
+    return {"machine": f"{platform.node()} {platform.machine()}", "cpu": cpu_model(), "cores": os.cpu_count(),
+            "torch threads": torch.get_num_threads(), "os": platform.platform(), "python": sys.version.split()[0],
+            "torch": torch.__version__, "mobilellm": __version__, "commit": commit}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def read_record(folder: Path) -> Record | None:
     path = folder / STAGE_FILE
     if not path.exists():
@@ -177,6 +208,7 @@ def run_pipeline(stages: list[Stage], out: str | Path, *, from_: str | None = No
     `relaunch` arguments (the pipeline command's own) naming the plan.
     """
     first, last = select(stages, from_, until, only)
+    env = environment()  # the code this process imported: its commit now, not when a stage ends
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     records: dict[str, Record] = {}
@@ -209,7 +241,7 @@ def run_pipeline(stages: list[Stage], out: str | Path, *, from_: str | None = No
                 raise PipelineError(f"stage {stage.name} under torchrun did not finish with key {key[:12]}")
         else:
             record = run_stage(stage, out, inputs, external, key, fresh=forced, strategy=strategy, log=log,
-                               publish=rank == 0)
+                               publish=rank == 0, env=env)
             if record is None:  # a process other than the first under torchrun: the first one publishes
                 return records
         records[stage.name] = record
@@ -217,7 +249,8 @@ def run_pipeline(stages: list[Stage], out: str | Path, *, from_: str | None = No
 
 
 def launch(name: str, nproc: int, args: list[str], log) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "mobilellm.cli",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m",
+               "mobilellm.cli",
                "pipeline", *args, "--stage", name, "--parallel", "ddp"]
     log(f"[pipeline] {name}: " + " ".join(command[2:]))
     done = subprocess.run(command)
@@ -226,7 +259,7 @@ def launch(name: str, nproc: int, args: list[str], log) -> None:
 
 
 def run_stage(stage: Stage, out: Path, inputs: dict[str, Record], external: dict[str, dict], key: str, *,
-              fresh: bool, strategy: str | None, log, publish: bool = True) -> Record | None:
+              fresh: bool, strategy: str | None, log, publish: bool = True, env: dict | None = None) -> Record | None:
     final, work = out / stage.name, out / f"{stage.name}.partial"
     started = read_json_object(work / KEY_FILE, fix="remove that folder") if (work / KEY_FILE).exists() else None
     if publish and work.exists() and (fresh or started is None or started.get("key") != key):
@@ -250,6 +283,7 @@ def run_stage(stage: Stage, out: Path, inputs: dict[str, Record], external: dict
         "outputs": {name: {"path": rel, "sha256": content_hash(work / rel)} for name, rel in result.outputs.items()},
         "files": result.files, "metrics": result.metrics, "tokens": result.tokens, "budget_tokens": stage.tokens,
         "seconds": seconds, "resumed": resumed, "started": begun,
+        "processes": int(os.environ.get("WORLD_SIZE", 1)), "environment": env or environment(),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "lineage": result.lineage,
     }
     write_json_atomic(work / STAGE_FILE, data)

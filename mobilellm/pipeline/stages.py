@@ -248,7 +248,7 @@ def baseline_stage(plan: Plan, run: StageRun) -> StageResult:
     from ..train.objectives import CE
 
     kd_seed = phase1_recipe(plan, run).seed
-    arms, results = {}, {}
+    arms, results, lineage = {}, {}, []
     for seed in plan.baseline.seeds:
         for arm in ("kd", "ce"):
             name = f"{arm}-seed{seed}"
@@ -258,15 +258,21 @@ def baseline_stage(plan: Plan, run: StageRun) -> StageResult:
             recipe = phase1_recipe(plan, run).replace(seed=seed)
             if arm == "ce":
                 recipe = recipe.replace(objective=CE())
-            arms[name] = train(run, recipe, sub=name)[0]
+            teacher = (f"teacher {plan.teacher}",) if arm == "kd" else ()
+            arms[name], _, entry = train(run, recipe, sub=name, parents=(
+                f"scratch ({plan.student.name}, seed {seed})", *teacher), how=f"phase 1 baseline arm: {arm}, seed {seed}")
+            lineage.append(entry)
     for name, ckpt in arms.items():
         results[name] = evaluate_model(plan, run, name, ckpt)
     comparisons = {f"seed{seed}": compare(results[f"kd-seed{seed}"], results[f"ce-seed{seed}"])
                    for seed in plan.baseline.seeds}
-    summary = {"arms": {n: strip(r) for n, r in results.items()}, "kd_vs_ce": comparisons}
+    summary = {"arms": {n: strip(r) for n, r in results.items()}, "kd_vs_ce": comparisons,
+               "tokens_per_arm": recipe_tokens(phase1_recipe(plan, run))}
     write_json_atomic(run.work / "baseline.json", summary)
-    return StageResult({"results": "baseline.json"}, metrics=summary,
-                       tokens=sum(recipe_tokens(phase1_recipe(plan, run)) for _ in arms))
+    trained = [name for name in arms if name != f"kd-seed{kd_seed}"]
+    runs = {name: name for name in trained}
+    return StageResult({"results": "baseline.json"}, metrics=summary, files=runs, lineage=lineage,
+                       tokens=summary["tokens_per_arm"] * len(trained))
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------
@@ -338,8 +344,10 @@ def eval_stage(plan: Plan, run: StageRun, final_stage: str) -> StageResult:
         loaded = load(fp)
         save_quantized(quantize_(loaded.model.eval(), quant_config(plan)), quant_config(plan), ptq,
                        extra_files=loaded.tokenizer_files)
+    # "final, fake quant" is the instruction-tuned model before its int4 conversion: what SFT/DPO changed apart
+    # from what the conversion did.
     models = {"full precision": fp, "PTQ int4": ptq, "QAT int4": run.input("qat", "int4"),
-              "final int4": run.input(final_stage, "int4")}
+              "final, fake quant": run.input(final_stage, "checkpoint"), "final int4": run.input(final_stage, "int4")}
     results = {name: evaluate_model(plan, run, name.replace(" ", "-"), path) for name, path in models.items()}
     comparisons = {name: compare(results["full precision"], results[name]) for name in models if name != "full precision"}
     files, needle = {}, {}
