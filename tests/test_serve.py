@@ -284,6 +284,8 @@ def test_bad_requests_get_clear_4xx_and_the_server_lives_on(server, client):
         (openai.BadRequestError, "past this model's context of 512", dict(model=MODEL, messages=user,
                                                                           max_tokens=10**9)),
         (openai.BadRequestError, "you requested", dict(model=MODEL, messages=user, max_tokens=500)),
+        (openai.BadRequestError, "reduce the prompt or max_completion_tokens",
+         dict(model=MODEL, messages=user, max_completion_tokens=500)),
         (openai.BadRequestError, "role 'wizard'", dict(model=MODEL, messages=[{"role": "wizard", "content": "x"}])),
         (openai.BadRequestError, "messages must be", dict(model=MODEL, messages=[])),
         (openai.BadRequestError, "temperature must be", dict(model=MODEL, messages=user, temperature=5)),
