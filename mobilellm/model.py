@@ -226,8 +226,8 @@ class Transformer(nn.Module):
         """Final-norm hidden states (B, T, dim): what the LM head (and a chunked loss) reads."""
         B, T = tokens.shape
         if positions is None:
-            start = cache.next_position if cache is not None else 0
-            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+            positions = (cache.positions(T, tokens.device) if cache is not None
+                         else torch.arange(T, device=tokens.device)[None]).expand(B, T)
         rope = cache.rotations(positions) if cache is not None else None  # a cache may hold the tables (decode)
         if rope is None:
             rope = rope_angles(positions, self.config.head_dim, self.config.rope_theta, self.config.rope_layout)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mobilellm.config import ModelConfig
-from mobilellm.infer.engine import decode_one_token, new_cache, prefill
+from mobilellm.infer.engine import compiled_decode_step, decode_one_token, new_cache, prefill
 from mobilellm.infer.slots import SlotCache
 from mobilellm.model import build_model
 from mobilellm.quant import QuantConfig, quantize_
@@ -75,3 +75,34 @@ def test_truncating_a_wrapped_ring_is_refused():
     assert not cache.can_truncate(0, 5) and cache.can_truncate(0, 12)
     with pytest.raises(ValueError, match="cannot be cut back"):
         cache.truncate(0, 5)
+
+
+@pytest.mark.slow  # compiles two graphs: ~50 s of CPU, 4 min on a busy 2-core machine
+def test_compiled_batched_decode_step_equals_eager_with_two_graphs_for_all_batch_sizes():
+    """`serve --compile`: the compiled decode step over slot views of changing rows and batch sizes gives eager's
+    logits to float rounding, leaves the same lengths, and compiles once for B = 1 and once for every B >= 2."""
+    from torch._dynamo.utils import counters
+
+    model = quantize_(build_model(ModelConfig.from_name("tiny"), seed=0).eval(),
+                      QuantConfig.from_scheme("cpu")).fuse_projections()
+
+    def run(step):
+        cache = SlotCache(model.config, n_slots=4, max_len=64, int8=True)
+        gen = torch.Generator().manual_seed(0)
+        logits = []
+        with torch.no_grad():
+            for slot, n in enumerate((3, 11, 6, 2)):  # slot 1 past the window of 8: its ring wrapped
+                forward(model, cache.rows([slot]), torch.randint(3, 256, (1, n), generator=gen))
+            for rows in [[2, 0, 3], [1], [0, 1], [3, 2, 1, 0], [2], [0, 3]] * 2:
+                tokens = torch.randint(3, 256, (len(rows), 1), generator=gen)
+                logits.append(step(model, tokens, cache.rows(rows)))
+        return logits, cache.lengths.tolist()
+
+    want, want_lengths = run(decode_one_token)
+    torch._dynamo.reset()
+    counters.clear()
+    got, got_lengths = run(compiled_decode_step(model))
+    assert counters["stats"]["unique_graphs"] == 2
+    assert got_lengths == want_lengths
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

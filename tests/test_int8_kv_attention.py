@@ -10,7 +10,7 @@ from mobilellm.infer.cache import RotationTable
 from mobilellm.infer.engine import decode_one_token, new_cache, prefill
 from mobilellm.model import build_model, rope_angles
 from mobilellm.quant import QuantConfig, quantize_
-from mobilellm.quant.kernels import int8_kv_attention, load_extension
+from mobilellm.quant.kernels import int8_kv_attention, int8_kv_attention_rows, load_extension
 from mobilellm.quant.math import quantize_kv_int8
 
 
@@ -43,6 +43,27 @@ def test_matches_dequantized_math(backend, B, Hq, Hkv, hd, n):
     want = float64_attention(q, k, k_scale, v, v_scale, n)
     assert got.shape == (B, Hq, 1, hd) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_rows_at_their_own_lengths_equal_each_row_alone(backend):
+    """The continuous-batching call: row b attends store row rows[b] at its own length, bit for bit what the
+    single-sequence call gives that store row, and the dequantized math."""
+    if backend == "cpp" and load_extension() is None:
+        pytest.skip("the C++ kernels do not build here (no AVX2 or no C++ compiler)")
+    k, k_scale, v, v_scale = int8_store(5, 3, 40, 64, seed=3)  # 5 slots, SmolLM2's 3 KV heads of 64
+    q = torch.randn(4, 9, 1, 64, generator=torch.Generator().manual_seed(2)) * 3
+    rows, n = torch.tensor([3, 0, 4, 1]), torch.tensor([1, 40, 17, 8])
+    got = int8_kv_attention_rows(q, k, k_scale, v, v_scale, rows, n, backend=backend)
+    for b, (r, m) in enumerate(zip(rows.tolist(), n.tolist())):
+        s = slice(r, r + 1)
+        alone = int8_kv_attention(q[b:b + 1], k[s], k_scale[s], v[s], v_scale[s], m, backend=backend)
+        assert torch.equal(got[b:b + 1], alone)
+        torch.testing.assert_close(got[b:b + 1].double(), float64_attention(q[b:b + 1], k[s], k_scale[s], v[s],
+                                                                            v_scale[s], m), rtol=1e-5, atol=1e-5)
+    if backend == "cpp":
+        with pytest.raises(RuntimeError, match="n 41 in"):
+            int8_kv_attention_rows(q, k, k_scale, v, v_scale, rows, torch.tensor([1, 41, 1, 1]), backend=backend)
 
 
 def test_refuses_more_than_one_query_token():

@@ -32,7 +32,7 @@ def pick_decode_step(model, compile: bool):
     """The decode step the commands run: eager, or compiled (announced: the first compile takes minutes)."""
     if not compile:
         return decode_one_token
-    print("compiling the decode step at the first token: minutes the first time, cached on disk after",
+    print("compiling the decode step at its first use: minutes the first time, cached on disk after",
           file=sys.stderr, flush=True)
     return compiled_decode_step(model)
 

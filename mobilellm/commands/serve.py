@@ -5,13 +5,13 @@ from __future__ import annotations
 import sys
 
 from ..infer.sampling import SamplingConfig
-from .generate import load, set_threads
+from .generate import load, pick_decode_step, set_threads
 
 
 def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, context: int = 4096, prefill_chunk: int = 256, max_queue: int = 64,
           request_timeout: float = 600.0, prefix_reuse: bool = True, model_name: str | None = None, sampling: SamplingConfig = SamplingConfig(),
-          int8_kv: bool = False, threads: int | None = None) -> None:
+          int8_kv: bool = False, threads: int | None = None, compile: bool = False) -> None:
     """Serve a checkpoint over OpenAI's API: POST /v1/chat/completions and /v1/completions (streaming or not),
     GET /v1/models, /health and /metrics (Prometheus).
 
@@ -28,7 +28,8 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
         context: tokens per slot, prompt and completion together (capped at the model's context)
         prefill_chunk: prompt tokens fed per step: other requests wait at most one chunk between their tokens
         max_queue: requests that may wait for a slot; beyond, 429
-        request_timeout: seconds a request may take from arrival to its last token (then 504 / an error event)
+        request_timeout: seconds a request may take from arrival to its last token (then 504 / an error event); a
+            request may ask for less with the extra body field "timeout" (seconds), never for more
         prefix_reuse: reuse a free slot's cached tokens for a prompt that starts with them (off: every prompt is
             prefilled from scratch, so a request's numbers never depend on what ran before it)
         model_name: the name clients send as "model" (default: the checkpoint folder's name)
@@ -36,6 +37,9 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
             the checkpoint's generation_config.json
         int8_kv: keep the KV cache in int8 (always on for int8-KV quantization schemes)
         threads: CPU threads for torch
+        compile: torch.compile the batched decode step (as generate --compile: one graph for a batch of one, one
+            for any larger batch, both compiled before the server answers /health: minutes the first time, cached
+            on disk after)
     """
     import uvicorn
 
@@ -51,7 +55,8 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
     model, tokenizer, scheme_int8_kv, defaults = load(checkpoint)
     context = min(context, model.config.max_seq_len)
     engine = Engine(model, tokenizer, n_slots=max_batch, max_len=context, int8_kv=int8_kv or scheme_int8_kv,
-                    prefill_chunk=prefill_chunk, max_queue=max_queue, prefix_reuse=prefix_reuse)
+                    prefill_chunk=prefill_chunk, max_queue=max_queue, prefix_reuse=prefix_reuse,
+                    decode_step=pick_decode_step(model, compile))
     engine.warm_up()
     name = model_name or resolve_checkpoint(checkpoint).name
     server = Server(engine, tokenizer, model_name=name, defaults=sampling.over(defaults), api_key=api_key,

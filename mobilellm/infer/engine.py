@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from ..cache_protocol import AttentionCache
 from ..errors import UserError
 from .cache import KVCache
 from .sampling import SamplingConfig, sample
@@ -112,17 +113,29 @@ def compiled_decode_step(model):
       step. The price is compiling that C++ once, minutes for 30 layers on 2 cores; inductor caches it on disk.
     - Guards on the model's modules are skipped: checking ~1,000 module attributes cost 2.5 ms of a 50 ms step.
       So the step is bound to this model, whose structure must not change (its weights may, in place).
+
+    The cache may also be a slot cache's view of some rows (infer.slots.SlotRows, continuous batching): tokens
+    (B, 1), each row at its own position. Its rows' lengths are tensors and its int8 attention one kernel call
+    whose shapes do not depend on them, so the batch size is the only other symbol: one graph for B = 1, one for
+    every B >= 2. A new view comes each step over the same tensors; each tensor is marked static once.
     """
     step = torch.compile(decode_one_token, dynamic=True, options={
         "cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
     marked_caches = weakref.WeakSet()
+    marked: dict[int, weakref.ref] = {}  # id -> the tensor marked (an id alone may be reused after a free)
 
-    def compiled_step(m, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def mark_static(tensors: list[torch.Tensor]) -> None:
+        for tensor in tensors:
+            ref = marked.get(id(tensor))
+            if ref is None or ref() is not tensor:
+                torch._dynamo.mark_static(tensor)
+                marked[id(tensor)] = weakref.ref(tensor)
+
+    def compiled_step(m, token: torch.Tensor, cache: AttentionCache) -> torch.Tensor:
         if m is not model:
             raise ValueError("this compiled decode step belongs to another model: compile one per model")
         if cache not in marked_caches:  # marked at each new cache: buffers derived on first use exist by now
-            for tensor in list(model.parameters()) + list(model.buffers()) + cache.tensors():
-                torch._dynamo.mark_static(tensor)
+            mark_static(list(model.parameters()) + list(model.buffers()) + cache.tensors())
             marked_caches.add(cache)
         return step(m, token, cache)
 

@@ -18,7 +18,7 @@ import torch
 
 from ..cache_protocol import AttentionCache
 from ..config import ModelConfig
-from ..quant.kernels import int8_kv_attention
+from ..quant.kernels import int8_kv_attention_rows
 from ..quant.math import dequantize_kv_int8, quantize_kv_int8
 from .cache import CacheFullError, KVStore, RotationTable
 
@@ -75,7 +75,8 @@ class SlotRows(AttentionCache):
 
     Each row gets the numbers the single-sequence engine gives it, bit for bit: one row (a prefill chunk) takes
     KVCache's attention paths (keys as [past, chunk], attention.CachedChunk), and an int8 decode step attends each
-    row from its own slot with the same C++ kernel (int8_kv_attention on a view, at that row's length). Only float
+    row from its own slot at its own length with the same C++ loop (int8_kv_attention_rows, one call for the
+    batch; int8_kv_attention runs that loop for one sequence). Only float
     caches decoding several rows at once fall back to masked SDPA over the longest row."""
 
     def __init__(self, cache: SlotCache, slots: torch.Tensor):
@@ -89,15 +90,26 @@ class SlotRows(AttentionCache):
         plain = all(t in ("full_attention", "sliding_attention") for t in cache.config.layer_types)
         self.keys_past_then_chunk = one_row or (self.attends_one_token and plain)
 
-    def positions(self, T: int) -> torch.Tensor:
-        """(B, T): each row's next T positions."""
+    def positions(self, T: int, device=None) -> torch.Tensor:
+        """(B, T): each row's next T positions (what the model numbers the rows with when given none). Checked to
+        fit in eager mode only: a compiled step reading the rows' lengths as Python ints would recompile per batch
+        size (the engine never feeds a full slot)."""
+        if not torch.compiler.is_compiling() and max(self.starts) + T > self.cache.max_len:
+            raise CacheFullError(f"a slot holds {self.cache.max_len} tokens; {T} more after {max(self.starts)} "
+                                 f"do not fit")
         return self.start[:, None] + torch.arange(T, device=self.start.device)
 
     def rotations(self, positions: torch.Tensor):
-        end = int(positions.max()) + 1
-        if end > self.cache.max_len:
-            raise CacheFullError(f"a slot holds {self.cache.max_len} tokens; position {end - 1} does not fit")
+        if not torch.compiler.is_compiling():  # as in positions()
+            end = int(positions.max()) + 1
+            if end > self.cache.max_len:
+                raise CacheFullError(f"a slot holds {self.cache.max_len} tokens; position {end - 1} does not fit")
         return self.cache.rotation_table(positions)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the slot cache (all slots): the stores, the lengths and the rotation tables."""
+        table = self.cache.rotation_table
+        return [t for store in self.cache.stores for t in store.tensors()] + [self.cache.lengths, table.cos, table.sin]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """k, v (B, n_kv, T, hd) of the rows at `positions` (B, T) -> every key the rows may attend (B, n_kv, S, hd)
@@ -146,17 +158,13 @@ class SlotRows(AttentionCache):
 
     def attend_one_token(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Decode (int8 caches): store each row's token k, v (B, n_kv, 1, hd) at its position, then attend q
-        (B, H, 1, hd) row by row over that slot's keys, read in place from the int8 store (as KVCache does)."""
+        (B, H, 1, hd) over each row's own slot, read in place from the int8 store (as KVCache does), all rows in
+        one kernel call whose shapes do not depend on the rows' lengths (a compiled step takes it)."""
         store, ring, W = self.cache.stores[layer], self.cache.ring[layer], self.cache.window
         positions = self.start[:, None]
         self._write(store, positions % W if ring else positions, k, v)
-        out = []
-        for i, (slot, start) in enumerate(zip(self.slots.tolist(), self.starts)):
-            n = min(start + 1, W) if ring else start + 1
-            rows = slice(slot, slot + 1)
-            out.append(int8_kv_attention(q[i:i + 1], store.k[rows], store.k_scale[rows], store.v[rows],
-                                         store.v_scale[rows], n))
-        return torch.cat(out)
+        n = (self.start + 1).clamp(max=W) if ring else self.start + 1
+        return int8_kv_attention_rows(q, store.k, store.k_scale, store.v, store.v_scale, self.slots, n)
 
     def advance(self, T: int) -> None:
         self.cache.lengths[self.slots] = self.start + T

@@ -57,6 +57,8 @@ def load_extension():
         lambda x, packed, scales, group_size: x.new_empty(x.shape[0], packed.shape[0]))
     torch.library.register_fake("mobilellm::int8_kv_attention")(
         lambda q, k, k_scale, v, v_scale, n, scale: q.new_empty(q.shape))
+    torch.library.register_fake("mobilellm::int8_kv_attention_rows")(
+        lambda q, k, k_scale, v, v_scale, rows, n, scale: q.new_empty(q.shape))
     return ext
 
 
@@ -129,3 +131,23 @@ def int8_kv_attention(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, v
         return out.view(B, Hq, 1, hd).to(q.dtype)
     keys, values = k[:, :, :n].float() * k_scale[:, :, :n], v[:, :, :n].float() * v_scale[:, :, :n]
     return F.scaled_dot_product_attention(q.float(), keys, values, enable_gqa=Hq != k.shape[1]).to(q.dtype)
+
+
+def int8_kv_attention_rows(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, v: torch.Tensor,
+                           v_scale: torch.Tensor, rows: torch.Tensor, n: torch.Tensor,
+                           backend: str | None = None) -> torch.Tensor:
+    """int8_kv_attention for rows at different lengths, one call for a batch: q (B, Hq, 1, hd) row b attends
+    slots [0, n[b]) of store row rows[b] of k, v (N, Hkv, S, hd) int8 with scales (N, Hkv, S, 1); rows, n (B,)
+    int64. Each row's numbers are those of int8_kv_attention on that store row alone (the same C++ loop); the
+    shapes do not depend on the lengths, so a compiled decode step takes it for every batch."""
+    B, Hq, T, hd = q.shape
+    if T != 1:
+        raise ValueError(f"int8_kv_attention_rows takes one query token per row, got {T}")
+    if (backend or default_backend()) == "cpp" and hd % 8 == 0:
+        if not torch.compiler.is_compiling() and load_extension() is None:
+            raise RuntimeError("the C++ kernels are not available on this machine (no AVX2 or no compiler)")
+        out = torch.ops.mobilellm.int8_kv_attention_rows(q.reshape(B, Hq, hd).float().contiguous(), k, k_scale, v,
+                                                         v_scale, rows, n, hd ** -0.5)
+        return out.view(B, Hq, 1, hd).to(q.dtype)
+    return torch.cat([int8_kv_attention(q[b:b + 1], k[r:r + 1], k_scale[r:r + 1], v[r:r + 1], v_scale[r:r + 1],
+                                        m, "reference") for b, (r, m) in enumerate(zip(rows.tolist(), n.tolist()))])

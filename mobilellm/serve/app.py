@@ -116,15 +116,15 @@ class Server:
             raise APIError(400, f"the request body is not valid JSON: {err}") from None
         try:
             parsed = parse(body, chat=chat, tokenizer=self.tokenizer, model_name=self.model_name,
-                           context=self.engine.max_len, defaults=self.defaults)
+                           context=self.engine.max_len, defaults=self.defaults, max_timeout=self.request_timeout)
         except (TokenizerError, ValueError) as err:  # a template's raise_exception, a sampling value out of range
             raise APIError(400, str(err)) from None
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job = Request(parsed.prompt, parsed.max_tokens, parsed.sampling,
                       emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-                      stop_strings=parsed.stop, logprobs=parsed.logprobs, timeout=self.request_timeout,
-                      ignore_eos=parsed.ignore_eos)
+                      stop_strings=parsed.stop, logprobs=parsed.logprobs,
+                      timeout=parsed.timeout or self.request_timeout, ignore_eos=parsed.ignore_eos)
         try:
             self.engine.submit(job)
         except QueueFull as err:
@@ -132,7 +132,7 @@ class Server:
         except EngineStopped as err:
             raise APIError(503, str(err), kind="server_error") from None
         responder = Responder(parsed, self.model_name, self.tokenizer)
-        deadline = time.monotonic() + self.request_timeout + 30  # the engine times out first; this bounds the wait
+        deadline = time.monotonic() + job.timeout + 30  # the engine times out first; this bounds the wait
         if parsed.stream:
             self.metrics.count_request(endpoint, 200)
             return StreamingResponse(self._stream(job, events, responder, deadline), media_type="text/event-stream",

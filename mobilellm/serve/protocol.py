@@ -42,6 +42,7 @@ class Parsed:
     stream: bool
     include_usage: bool
     ignore_eos: bool = False  # extra field (as llama.cpp and vLLM take it): generate past EOS
+    timeout: float | None = None  # extra field: seconds from arrival to the last token (None: the server's)
 
 
 def _number(body: dict, key: str, lo: float | None = None, hi: float | None = None, integer: bool = False,
@@ -99,8 +100,9 @@ def chat_messages(body: dict) -> list[dict]:
 
 
 def parse(body, *, chat: bool, tokenizer: Tokenizer, model_name: str, context: int,
-          defaults: SamplingConfig) -> Parsed:
-    """Check an OpenAI request body (already decoded JSON) against the served model and its context."""
+          defaults: SamplingConfig, max_timeout: float = float("inf")) -> Parsed:
+    """Check an OpenAI request body (already decoded JSON) against the served model, its context and the
+    server's request timeout (a request's own "timeout" may only be shorter)."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     model = body.get("model")
@@ -162,8 +164,9 @@ def parse(body, *, chat: bool, tokenizer: Tokenizer, model_name: str, context: i
         logprobs = _number(body, "logprobs", 0, 5, integer=True)
         if _bool(body, "echo"):
             raise APIError(400, "echo is not supported by this server", "echo")
+    timeout = _number(body, "timeout", 0, max_timeout, lo_open=True)
     return Parsed(chat, prompt, max_tokens or context - len(prompt), sampling, tuple(stop or ()), logprobs, stream,
-                  include_usage, _bool(body, "ignore_eos"))
+                  include_usage, _bool(body, "ignore_eos"), timeout)
 
 
 def completion_prompt(body: dict, tokenizer: Tokenizer) -> list[int]:

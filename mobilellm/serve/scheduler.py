@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..infer.chat import TextStream
+from ..infer.engine import decode_one_token
 from ..infer.sampling import SamplingConfig, sample
 from ..infer.slots import SlotCache
 from ..tokenizer import Tokenizer
@@ -112,7 +113,7 @@ class Engine:
 
     def __init__(self, model, tokenizer: Tokenizer, *, n_slots: int, max_len: int, int8_kv: bool,
                  prefill_chunk: int = 256, max_queue: int = 64, prefix_reuse: bool = True,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, decode_step=decode_one_token):
         if prefill_chunk < 1 or max_queue < 0:
             raise ValueError(f"prefill_chunk must be >= 1 and max_queue >= 0, got {prefill_chunk}, {max_queue}")
         self.model, self.tokenizer = model, tokenizer
@@ -120,6 +121,7 @@ class Engine:
         self.cache = SlotCache(model.config, n_slots, max_len, model.norm.weight.dtype, int8_kv, self.device)
         self.n_slots, self.max_len, self.prefill_chunk, self.max_queue = n_slots, max_len, prefill_chunk, max_queue
         self.prefix_reuse = prefix_reuse
+        self.decode_step = decode_step  # (model, tokens (B, 1), rows view) -> logits (B, V); may be compiled
         self.stop_ids = frozenset(tokenizer.eos_ids or model.config.eos_ids)
         self.metrics = metrics or Metrics()
         self.metrics.slots_total = n_slots
@@ -159,14 +161,19 @@ class Engine:
             request.emit(Failed(503, "the server is shutting down"))
 
     def warm_up(self) -> None:
-        """One prefill and one decode step on slot 0 (builds the int4 kernels, warms allocators), then forgotten."""
+        """A prefill on the first two slots, then a decode step of one row and one of two (builds the int4 kernels,
+        warms allocators, compiles a compiled decode step's two graphs before the first request), then forgotten."""
+        slots = list(range(min(2, self.n_slots)))
         with torch.no_grad():
-            view = self.cache.rows([0])
-            tokens = torch.zeros(1, 2, dtype=torch.long, device=self.device)
-            self.model.hidden_states(tokens, positions=view.positions(2), cache=view)
-            view = self.cache.rows([0])
-            self.model.lm_head(self.model.hidden_states(tokens[:, :1], positions=view.positions(1), cache=view))
-        self.cache.truncate(0, 0)
+            for slot in slots:
+                view = self.cache.rows([slot])
+                tokens = torch.zeros(1, 2, dtype=torch.long, device=self.device)
+                self.model.hidden_states(tokens, positions=view.positions(2), cache=view)
+            for rows in ([slots[0]], slots) if len(slots) > 1 else ([slots[0]],):
+                tokens = torch.zeros(len(rows), 1, dtype=torch.long, device=self.device)
+                self.decode_step(self.model, tokens, self.cache.rows(rows))
+        for slot in slots:
+            self.cache.truncate(slot, 0)
 
     # ---- the engine thread --------------------------------------------------------------------
     def _run(self) -> None:
@@ -262,13 +269,13 @@ class Engine:
     def _decode(self, requests: list[Request]) -> None:
         view = self.cache.rows([r.slot for r in requests])
         tokens = torch.tensor([[r.generated[-1]] for r in requests], dtype=torch.long, device=self.device)
-        logits = self.model.lm_head(self.model.hidden_states(tokens, positions=view.positions(1), cache=view)[:, -1])
+        logits = self.decode_step(self.model, tokens, view)
         for r in requests:
             self.slot_tokens[r.slot].append(r.generated[-1])
         self.metrics.decode_steps += 1
         self.metrics.decode_rows += len(requests)
         self.metrics.batch_occupancy = len(requests) / self.n_slots
-        self._choose(requests, logits.float())
+        self._choose(requests, logits)
 
     def _choose(self, requests: list[Request], logits: torch.Tensor) -> None:
         """Sample each request's next token from its row of logits (B, V); emit it; finish what is done."""
