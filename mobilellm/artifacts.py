@@ -76,8 +76,13 @@ FETCHERS = {SMOLLM2["name"]: fetch_smollm2}
 
 
 def resolve_checkpoint(name_or_folder: str | Path) -> Path:
-    """A checkpoint folder, or the name of a real model we can fetch (fetched and converted on first use)."""
+    """A checkpoint folder, a training run's folder (its latest finished checkpoint), or the name of a real model
+    we can fetch (fetched and converted on first use)."""
+    from .train.checkpoint import latest_checkpoint  # train imports this module
+
     path = Path(name_or_folder).expanduser()
+    if path.is_dir() and not (path / "config.json").exists() and (latest := latest_checkpoint(path)) is not None:
+        return latest
     if path.exists():
         return path
     if str(name_or_folder) in FETCHERS:
