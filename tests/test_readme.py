@@ -163,7 +163,8 @@ def workdir(tmp_path_factory):
     return {"cwd": tmp / "work", "env": env, "user_site": user_site}
 
 
-def run_background(command: str, cwd: Path, env: dict, port: int) -> None:
+def run_background(command: str, cwd: Path, env: dict, port: int) -> str | None:
+    """Start a server, wait for its /health, stop it: None, or why it failed."""
     proc = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -171,37 +172,40 @@ def run_background(command: str, cwd: Path, env: dict, port: int) -> None:
         while time.monotonic() < deadline and proc.poll() is None:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                    assert response.status == 200
-                    return
+                    return None if response.status == 200 else f"answered /health with {response.status}"
             except OSError:
                 time.sleep(2)
-        pytest.fail(f"README: {command} never answered /health:\n{proc.communicate(timeout=30)[0][-3000:]}"
-                    if proc.poll() is not None else f"README: {command} never answered /health in 300 s")
+        if proc.poll() is not None:
+            return f"exited {proc.returncode} before answering /health:\n{proc.communicate(timeout=30)[0][-3000:]}"
+        return "never answered /health in 300 s"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=60)
 
 
-def run_shell_block(block: Block, workdir: dict) -> list[str]:
-    skipped = []
+def run_shell_block(block: Block, workdir: dict) -> tuple[list[str], list[str]]:
+    """Every command of the block, on past a failure (the later ones' failures may follow from it): (failures, skipped)."""
+    failures, skipped = [], []
     for command, expected in shell_commands(block.text):
         if (why := skip_reason(command)) is not None:
             skipped.append(f"{command}: {why}")
             continue
         port = free_port()
         line = scaled(command, user_site=workdir["user_site"], port=port)
+        started = time.monotonic()
         if re.search(BACKGROUND, command):
-            run_background(line, workdir["cwd"], workdir["env"], port)
-            continue
-        done = subprocess.run(["bash", "-c", line], cwd=workdir["cwd"], env=workdir["env"], input=STDIN,
-                              capture_output=True, text=True, timeout=3600)
-        if done.returncode != 0:
-            pytest.fail(f"README line {block.line}: `{line}` exited {done.returncode}:\n"
-                        f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-        if expected is not None:
-            assert expected in done.stdout, f"README says `{command}` prints {expected!r}; it printed:\n{done.stdout}"
-    return skipped
+            failure = run_background(line, workdir["cwd"], workdir["env"], port)
+        else:
+            done = subprocess.run(["bash", "-c", line], cwd=workdir["cwd"], env=workdir["env"], input=STDIN,
+                                  capture_output=True, text=True, timeout=3600)
+            failure = (f"exited {done.returncode}:\n{done.stdout[-1500:]}\n{done.stderr[-3000:]}" if done.returncode
+                       else f"does not print {expected!r}; it printed:\n{done.stdout[-1500:]}"
+                       if expected is not None and expected not in done.stdout else None)
+        print(f"{time.monotonic() - started:7.1f} s  {'FAILED' if failure else 'ok':6}  {line}", flush=True)
+        if failure:
+            failures.append(f"README block at line {block.line}: `{line}` {failure}")
+    return failures, skipped
 
 
 def run_python_block(block: Block, workdir: dict) -> None:
@@ -219,5 +223,7 @@ def test_readme_block_runs_as_written(index, workdir):
     if block.lang == "python":
         run_python_block(block, workdir)
     else:
-        for line in run_shell_block(block, workdir):
+        failures, skipped = run_shell_block(block, workdir)
+        for line in skipped:
             print(f"skipped: {line}")
+        assert not failures, "\n\n".join(failures)

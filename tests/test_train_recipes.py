@@ -150,3 +150,14 @@ def test_pretrain_command_rejects_bad_input(tmp_path, capsys):
     assert "unknown recipe 'nope'" in capsys.readouterr().err
     assert cli(["pretrain", "--recipe", "pro-1b", "--out", str(tmp_path)]) == 2
     assert "--teacher" in capsys.readouterr().err
+
+
+def test_pretrain_runs_of_each_loss_get_their_own_default_folder(monkeypatch):
+    from mobilellm.commands import pretrain as command
+    runs = []
+    monkeypatch.setattr(command, "run_recipe", lambda recipe, out, **_: runs.append(
+        (type(recipe.objective).__name__, str(out))) or type("Result", (), {"checkpoint": None}))
+    for argv in (["pretrain"], ["pretrain", "--loss", "ce"], ["pretrain", "--loss", "kd"],
+                 ["pretrain", "--loss", "ce", "--out", "elsewhere"]):
+        assert cli(argv) == 0
+    assert runs == [("KD", "runs/starter-kd"), ("CE", "runs/starter-ce"), ("KD", "runs/starter-kd"), ("CE", "elsewhere")]
