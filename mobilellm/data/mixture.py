@@ -36,7 +36,8 @@ def normalize_weights(weights: dict[str, float], known: list[str]) -> dict[str, 
     """Weights scaled to sum to 1; unknown domains, negative or non-finite weights are errors."""
     unknown = sorted(set(weights) - set(known))
     if unknown:
-        raise DataError(f"unknown domain(s) {', '.join(unknown)} in the mixture; known: {', '.join(known)}")
+        raise DataError(f"unknown domain(s) {', '.join(unknown)} in the mixture; known: {', '.join(known)} (tokenize "
+                        "the missing domains into the shard folder too, or weight only the domains it has)")
     for name, w in weights.items():
         if not math.isfinite(w) or w < 0:
             raise DataError(f"weight of domain {name!r} must be a finite number >= 0, got {w}")
