@@ -37,7 +37,7 @@ README = ROOT / "README.md"
 # (command pattern, flags appended, why). A command matching several patterns gets every one's flags.
 SCALED = [
     (r"^mobilellm corpus\b", "--max-chars 300000", "8M characters a domain take minutes to build and tokenize"),
-    (r"^mobilellm mix\b", "--steps 4", "the proxy's steps (a multiple of its 4 checkpoints)"),
+    (r"^mobilellm mix\b", "--steps 4 --probe-rows 2 --target-rows 2", "the proxy's steps (a multiple of its 4 checkpoints) and its gradients' rows"),
     (r"\bpretrain\b", "--steps 2", "100 KD steps are minutes"),
     (r"^mobilellm extend-context\b", "--steps 2", "100 steps at 1,024 tokens"),
     (r"^mobilellm position-loss\b", "--limit 2", "every held-out document at 2,048 positions"),
