@@ -37,7 +37,8 @@ README = ROOT / "README.md"
 # (command pattern, flags appended, why). A command matching several patterns gets every one's flags.
 SCALED = [
     (r"^mobilellm corpus\b", "--max-chars 300000", "8M characters a domain take minutes to build and tokenize"),
-    (r"^mobilellm mix\b", "--steps 4 --probe-rows 2 --target-rows 2", "the proxy's steps (a multiple of its 4 checkpoints) and its gradients' rows"),
+    (r"^mobilellm mix\b", "--steps 4 --probe-rows 2 --target-rows 2",
+     "the proxy's steps (a multiple of its 4 checkpoints) and the rows of its gradients"),
     (r"\bpretrain\b", "--steps 2", "100 KD steps are minutes"),
     (r"^mobilellm extend-context\b", "--steps 2", "100 steps at 1,024 tokens"),
     (r"^mobilellm position-loss\b", "--limit 2", "every held-out document at 2,048 positions"),
@@ -185,7 +186,7 @@ def run_background(command: str, cwd: Path, env: dict, port: int) -> str | None:
 
 
 def run_shell_block(block: Block, workdir: dict) -> tuple[list[str], list[str]]:
-    """Every command of the block, on past a failure (the later ones' failures may follow from it): (failures, skipped)."""
+    """Every command of the block, on past a failure (later failures may follow from it): (failures, skipped)."""
     failures, skipped = [], []
     for command, expected in shell_commands(block.text):
         if (why := skip_reason(command)) is not None:
