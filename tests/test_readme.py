@@ -37,6 +37,8 @@ README = ROOT / "README.md"
 # (command pattern, flags appended, why). A command matching several patterns gets every one's flags.
 SCALED = [
     (r"^mobilellm corpus\b", "--max-chars 300000", "8M characters a domain take minutes to build and tokenize"),
+    (r"^mobilellm tokenize\b", "--val-fraction 0.2", "the scaled corpus has a few dozen documents a domain: 1% "
+     "held out leaves none in some"),
     (r"^mobilellm mix\b", "--steps 4 --probe-rows 2 --target-rows 2",
      "the proxy's steps (a multiple of its 4 checkpoints) and the rows of its gradients"),
     (r"\bpretrain\b", "--steps 2", "100 KD steps are minutes"),
