@@ -49,7 +49,7 @@ SCALED = [
     (r"^mobilellm merge-search\b", "--step 0.5 --val-batches 1", "66 grid points of 3 SmolLM2 merges"),
     (r"^mobilellm qat\b", "--steps 1", "100 QAT steps of SmolLM2-135M are about 20 minutes"),
     (r"^mobilellm sft-data\b", "--max-per-task 4", "every BIG-bench task's examples"),
-    (r"^mobilellm (sft|dpo)\b", "--steps 2", "200 / 100 steps of SmolLM2-135M"),
+    (r"^mobilellm (sft|dpo)(?=\s)", "--steps 2", "200 / 100 steps of SmolLM2-135M"),
     (r"^mobilellm eval (?!.*--list-tasks)", "--limit 4", "every item of each task"),
     (r"^mobilellm chat\b.*--compile", "--no-compile", "the first compile takes minutes (tests/test_infer_* cover it)"),
     (r"^lm_eval\b", "--limit 4", "every item of the task"),
@@ -121,11 +121,13 @@ def test_the_readme_has_shell_blocks_and_a_python_snippet():
     assert sum(b.lang != "python" for b in BLOCKS) >= 3 and any(b.lang == "python" for b in BLOCKS)
 
 
-def test_every_mobilellm_command_of_the_readme_parses():
+def test_every_mobilellm_command_of_the_readme_parses_as_written_and_as_scaled():
     parser, _ = build_parser()
     commands = [c for b in BLOCKS if b.lang != "python" for c, _ in shell_commands(b.text)]
-    argvs = [(c, argv) for c in commands if (argv := mobilellm_argv(c)) is not None]
-    assert len(argvs) > 30
+    written = [c for c in commands if skip_reason(c) is None]
+    as_run = [scaled(c, user_site="/tmp/site", port=8000) for c in written]  # the scaled flags must parse too
+    argvs = [(c, argv) for c in written + as_run if (argv := mobilellm_argv(c)) is not None]
+    assert len(argvs) > 60
     for command, argv in argvs:
         try:
             parser.parse_args(argv)
