@@ -29,6 +29,18 @@ class _ParseError(Exception):
     pass
 
 
+def _literal(text: str) -> str:
+    """Text for an argument's or a command's help: argparse %-formats those, so a `%` must reach it as `%%`."""
+    return text.replace("%", "%%")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions shown as written: argparse %-formats one only when it holds `%(prog)`; never ours."""
+
+    def _format_text(self, text):
+        return super()._format_text(_literal(text) if "%(prog)" in text else text)
+
+
 class _Parser(argparse.ArgumentParser):
     """Parse errors raised (main prints them as one line), not printed with the usage and exited on."""
 
@@ -107,7 +119,7 @@ def _add_parameter(parser, param: inspect.Parameter, hint, help_text: str, dest:
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):  # X | None
         hint = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(hint), typing.get_args(hint)
-    kwargs: dict = {"help": help_text.replace("%", "%%")}  # argparse formats help with %
+    kwargs: dict = {"help": _literal(help_text)}
     if hint is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif origin in (list, tuple):
@@ -124,7 +136,7 @@ def _add_parameter(parser, param: inspect.Parameter, hint, help_text: str, dest:
         else:
             kwargs["default"] = param.default
             if hint is not bool and param.default is not None:
-                kwargs["help"] = f"{kwargs['help']} (default: {param.default})".strip()
+                kwargs["help"] = f"{kwargs['help']} {_literal(f'(default: {param.default})')}".strip()
         if dest:
             kwargs["metavar"] = param.name.upper()
         parser.add_argument(flag, dest=dest or param.name, **kwargs)
@@ -136,7 +148,8 @@ def _add_parameter(parser, param: inspect.Parameter, hint, help_text: str, dest:
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = _Parser(prog="mobilellm", description="MobileLLM-Pro end to end: train, distill, quantize, evaluate and run small language models on a CPU.")
+    parser = _Parser(prog="mobilellm", description="MobileLLM-Pro end to end: train, distill, quantize, evaluate and run small language models on a CPU.",
+                     formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     functions = {}
     for name, target in COMMANDS.items():
@@ -145,8 +158,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         doc = inspect.getdoc(func) or ""
         summary = doc.split("\n\n")[0].replace("\n", " ")
         description = doc.split("\nArgs:")[0]
-        p = sub.add_parser(name, help=summary, description=description,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(name, help=_literal(summary), description=description, formatter_class=_Formatter)
         hints = typing.get_type_hints(func)
         docs = _arg_docs(doc)
         for param in inspect.signature(func).parameters.values():

@@ -47,3 +47,36 @@ def test_convert_folder_to_bfloat16(tmp_path, capsys):
     assert loaded.config.name == "mine" and loaded.embed_tokens.weight.dtype.is_floating_point
     assert str(loaded.embed_tokens.weight.dtype) == "torch.bfloat16"
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "x"), "--dtype", "int3"]) == 2
+
+
+@pytest.mark.parametrize("name", [None, *COMMANDS])
+def test_help_of_every_command_renders(name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"] if name is None else [name, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: mobilellm" in capsys.readouterr().out
+
+
+def percent_command(rate: str = "5%", *, share: float = 0.1, label: str = "100% %(prog)s %w") -> None:
+    """Runs at 100% of a core, %w and %(prog)s kept as written.
+
+    Every 10% of the steps, %(prog)s and %d print as they are.
+
+    Args:
+        rate: a rate like 5%
+        share: 10% is 0.1
+        label: a %s label
+    """
+
+
+def test_percent_signs_anywhere_in_a_docstring_or_default_reach_the_help_as_written(monkeypatch, capsys):
+    monkeypatch.setitem(COMMANDS, "percent", "tests.test_cli:percent_command")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "Runs at 100% of a core, %w and %(prog)s kept as written." in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit):
+        main(["percent", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("Every 10% of the steps, %(prog)s and %d print as they are.", "a rate like 5%",
+                 "10% is 0.1 (default: 0.1)", "a %s label (default: 100% %(prog)s %w)"):
+        assert text in out, text

@@ -230,6 +230,19 @@ def test_validation_batches_are_fixed_and_cover_the_held_out_split(dataset):
     assert len(run(domains=["short"])) < len(batches)
 
 
+def test_validation_deals_rows_from_every_domain_in_turn(dataset):
+    """However few batches are asked for, every domain is measured: each domain's rows (packed alone, in stored
+    order) are dealt round-robin, not the first domain's documents first."""
+    rows = lambda batches: [row for b in batches for row in b["tokens"]]  # noqa: E731
+    alone = {d: rows(validation_batches(dataset, seq_len=48, batch_size=4, domains=[d])) for d in dataset.domains}
+    assert len(alone["long"]) > len(alone["short"]) > 2
+    dealt = rows(validation_batches(dataset, seq_len=48, batch_size=4))
+    expected = [alone[d][i] for i in range(len(alone["long"])) for d in dataset.domains if i < len(alone[d])]
+    assert len(dealt) == len(expected) and all(torch.equal(a, b) for a, b in zip(dealt, expected))
+    first = rows(validation_batches(dataset, seq_len=48, batch_size=2, max_batches=1))
+    assert torch.equal(first[0], alone[dataset.domains[0]][0]) and torch.equal(first[1], alone[dataset.domains[1]][0])
+
+
 def test_packed_documents_give_the_same_logits_as_each_document_alone():
     """The tiny model (local + global layers, window 8) on a packed batch equals per-document runs."""
     config = ModelConfig.from_name("tiny")

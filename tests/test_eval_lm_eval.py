@@ -119,3 +119,36 @@ def test_adapter_rolling_windows_and_generation_match_our_own(checkpoint):
         assert theirs == pytest.approx(ours, abs=1e-3)
     request = Instance("generate_until", {}, ("Paris is", {"until": ["."], "max_gen_toks": 6}), 0)
     assert adapter.generate_until([request], disable_tqdm=True) == [lm.generate_until("Paris is", ["."], 6)]
+
+
+TOY_BIGBENCH = {"name": "toy", "description": "toy", "keywords": [], "metrics": ["multiple_choice_grade"],
+                "examples": [{"input": "2 + 2 =", "target_scores": {"4": 1, "5": 0, "22": 0}},
+                             {"input": "The sky is", "target_scores": {"blue": 1, "green": 0}},
+                             {"input": "Say hi:", "target": "hi"}]}  # generative: left out of the lm-eval task
+
+
+def test_a_bigbench_task_written_for_lm_eval_runs_offline_and_agrees_with_our_harness(checkpoint, tmp_path, monkeypatch):
+    from lm_eval.__main__ import cli_evaluate
+
+    from mobilellm.eval.lm_eval_tasks import write_lm_eval_task
+    from mobilellm.eval.tasks import bigbench
+    (tmp_path / "bb" / "toy").mkdir(parents=True)
+    (tmp_path / "bb" / "toy" / "task.json").write_text(json.dumps(TOY_BIGBENCH))
+    monkeypatch.setattr(bigbench, "bigbench_dir", lambda: tmp_path / "bb")
+    monkeypatch.setattr(bigbench, "task_index", lambda: {"toy": {"subtasks": []}})
+    config = write_lm_eval_task("bigbench_toy", tmp_path / "tasks")
+    assert json.loads(config.read_text())["task"] == "bigbench_toy"
+    install()
+    monkeypatch.setattr(sys, "argv", ["lm_eval", "--model", "mobilellm", "--model_args", f"pretrained={checkpoint}",
+                                      "--tasks", "bigbench_toy", "--include_path", str(tmp_path / "tasks"),
+                                      "--output_path", str(tmp_path / "out"), "--log_samples"])
+    cli_evaluate()
+    samples = sorted((json.loads(line) for f in (tmp_path / "out").rglob("samples_bigbench_toy*.jsonl")
+                      for line in f.read_text().splitlines()), key=lambda s: s["doc_id"])
+    items = [item.multiple_choice() for item in bigbench.load_bigbench("toy") if item.choices]
+    lm = EvalLM.load(checkpoint, progress=False)
+    assert len(samples) == len(items) == 2
+    for sample, item in zip(samples, items):
+        theirs = [float(ll) for ll, _ in sample["filtered_resps"]]
+        assert theirs == pytest.approx([ll for ll, _ in lm.loglikelihood(item.requests())], abs=1e-4)
+        assert sample["acc"] == float(max(range(len(theirs)), key=theirs.__getitem__) in item.gold)

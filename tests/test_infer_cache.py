@@ -106,4 +106,4 @@ def test_model_card_figures():
     mib = lambda n, **kw: round(kv_cache_bytes(config, n, scale_bytes=0, **kw) / 2**20)
     assert [mib(2000), mib(4000), mib(8000)] == [14, 23, 40]
     assert mib(8000, all_global=True) == 117
-    assert "117.2 MB" in cache_report(config)
+    assert "117.2 MiB" in cache_report(config)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mobilellm.artifacts import resolve_checkpoint
 from mobilellm.hf import CheckpointError, load_pretrained
 from mobilellm.train.checkpoint import latest_checkpoint, step_dirs
 from mobilellm.train.loop import train
@@ -90,6 +91,8 @@ def test_keep_last_and_checkpoints_load_as_models(tmp_path):
     loaded = load_pretrained(result.checkpoint)  # the format the rest of the tool reads
     for (name, a), b in zip(result.model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
+    assert resolve_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_0000008"  # a run stands for its latest
+    assert resolve_checkpoint(result.checkpoint) == result.checkpoint
 
 
 def test_resume_of_a_finished_run_does_nothing_more(tmp_path):

@@ -49,6 +49,15 @@ def test_teacher_is_frozen_and_checked(tmp_path, tokenizer_dir):
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
 
 
+def test_a_teacher_is_any_checkpoint_a_command_takes(tmp_path, tokenizer_dir, smollm2_dir):
+    config = student_config(tokenizer_dir)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    teacher_folder(tmp_path, config, tokenizer_dir).rename(tmp_path / "run" / "checkpoints" / "step_0000004")
+    assert load_teacher(tmp_path / "run", config, tokenizer_dir) is not None  # a run folder: its latest checkpoint
+    with pytest.raises(TeacherError, match="vocab 49,152 but the student"):  # a name: fetched (here cached)
+        load_teacher("smollm2-135m", config, tokenizer_dir)
+
+
 def test_teacher_with_another_vocab_is_refused(tmp_path, tokenizer_dir):
     config = student_config(tokenizer_dir)
     folder = teacher_folder(tmp_path, config.replace(vocab_size=config.vocab_size + 8), tokenizer_dir)
@@ -150,3 +159,14 @@ def test_pretrain_command_rejects_bad_input(tmp_path, capsys):
     assert "unknown recipe 'nope'" in capsys.readouterr().err
     assert cli(["pretrain", "--recipe", "pro-1b", "--out", str(tmp_path)]) == 2
     assert "--teacher" in capsys.readouterr().err
+
+
+def test_pretrain_runs_of_each_loss_get_their_own_default_folder(monkeypatch):
+    from mobilellm.commands import pretrain as command
+    runs = []
+    monkeypatch.setattr(command, "run_recipe", lambda recipe, out, **_: runs.append(
+        (type(recipe.objective).__name__, str(out))) or type("Result", (), {"checkpoint": None}))
+    for argv in (["pretrain"], ["pretrain", "--loss", "ce"], ["pretrain", "--loss", "kd"],
+                 ["pretrain", "--loss", "ce", "--out", "elsewhere"]):
+        assert cli(argv) == 0
+    assert runs == [("KD", "runs/starter-kd"), ("CE", "runs/starter-ce"), ("KD", "runs/starter-kd"), ("CE", "elsewhere")]

@@ -40,7 +40,7 @@ def run_eval(checkpoint: Path | None = None, *, tasks: str | None = None, limit:
         fewshot_seed: seed of the shots (default: BIG-bench's 42, lm-eval's 1234)
         out: results JSON to write
         data_dir: folder with the local task files (<task>.jsonl or the original release's files)
-        tokenizer: folder with tokenizer.json when the checkpoint has none (a quantized one)
+        tokenizer: folder with tokenizer.json to use instead of the checkpoint's own (for a folder without one)
         dtype: float32 or bfloat16
         batch_tokens: tokens per scoring batch (memory vs speed)
         list_tasks: print every task name and what it is, then exit

@@ -23,13 +23,13 @@ def pretrain(*, recipe: str = "starter", loss: str | None = None, steps: int | N
     `pro-1b` is MobileLLM-Pro's phase 1 (needs --teacher, --tokenizer and --data). Under torchrun, pass
     --parallel ddp or fsdp: the recipe's global batch stays the same, split over the processes. Prints one
     line per step; metrics go to OUT/metrics.jsonl, checkpoints to OUT/checkpoints/step_N (loadable by every
-    other command); `mobilellm plot OUT` draws the loss curves.
+    other command); `mobilellm plot OUT` draws the loss curves into OUT/loss.png.
 
     Args:
         recipe: starter or pro-1b
         loss: kd or ce (default: the recipe's)
         steps: optimizer steps (default: the recipe's); the LR schedule is rescaled to it
-        out: run folder for checkpoints and metrics.jsonl (default: runs/RECIPE, runs/RECIPE-ce for --loss ce)
+        out: run folder for checkpoints and metrics.jsonl (default: runs/RECIPE-LOSS, e.g. runs/starter-kd, runs/starter-ce)
         resume: continue from the latest checkpoint in OUT
         teacher: teacher checkpoint folder (default: the recipe's)
         tokenizer: tokenizer folder of the student, shards and teacher (default: the recipe's)
@@ -42,8 +42,6 @@ def pretrain(*, recipe: str = "starter", loss: str | None = None, steps: int | N
     from recipes import get_recipe  # the recipes package sits beside mobilellm
 
     chosen = get_recipe(recipe)
-    # A run of another loss than the recipe's gets its own folder: never mixed into the recipe's run.
-    default_out = Path("runs") / (f"{recipe}-{loss}" if loss and loss != objective_name(chosen.objective) else recipe)
     if loss not in (None, "kd", "ce"):
         raise ValueError(f"unknown loss {loss!r}; expected kd or ce")
     if loss == "ce":
@@ -61,6 +59,8 @@ def pretrain(*, recipe: str = "starter", loss: str | None = None, steps: int | N
         chosen = chosen.replace_train(compile=compile)
     if steps is not None:
         chosen = chosen.with_steps(steps)
+    # Named by recipe and loss: a CE run never lands in the KD run's folder (nor in the pipeline's runs/RECIPE).
+    default_out = Path("runs") / f"{recipe}-{objective_name(chosen.objective)}"
     result = run_recipe(chosen, out if out is not None else default_out, resume=resume, strategy=parallel,
                         micro_batch=micro_batch)
     if result.checkpoint is not None:

@@ -52,7 +52,7 @@ def qat(checkpoint: str, *, scheme: str, data: Path, out: Path, steps: int = 100
         steps: optimizer steps
         batch_size: sequences per optimizer step (all processes together)
         seq_len: tokens per sequence
-        lr: peak learning rate (cosine decay, 10 percent warmup, no weight decay)
+        lr: peak learning rate (cosine decay, 10% warmup, no weight decay)
         self_distillation: KL to the full-precision model; --no-self-distillation trains with plain CE
         run_dir: the loop's checkpoints and log (default: OUT.run)
         resume: continue the run in RUN_DIR from its latest checkpoint

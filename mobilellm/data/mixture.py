@@ -36,7 +36,8 @@ def normalize_weights(weights: dict[str, float], known: list[str]) -> dict[str, 
     """Weights scaled to sum to 1; unknown domains, negative or non-finite weights are errors."""
     unknown = sorted(set(weights) - set(known))
     if unknown:
-        raise DataError(f"unknown domain(s) {', '.join(unknown)} in the mixture; known: {', '.join(known)}")
+        raise DataError(f"unknown domain(s) {', '.join(unknown)} in the mixture; known: {', '.join(known)} (tokenize "
+                        "the missing domains into the shard folder too, or weight only the domains it has)")
     for name, w in weights.items():
         if not math.isfinite(w) or w < 0:
             raise DataError(f"weight of domain {name!r} must be a finite number >= 0, got {w}")
@@ -272,10 +273,12 @@ class MixtureLoader:
 def validation_batches(dataset: TokenDataset, *, seq_len: int, batch_size: int, domains: list[str] | None = None,
                        rank: int = 0, world_size: int = 1, max_batches: int | None = None,
                        mask_documents: bool = True, part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, torch.Tensor]]:
-    """The held-out documents, in stored order, packed like training batches: fixed and finite.
+    """The held-out documents packed like training batches, every domain in turn: fixed and finite.
 
-    Row i goes to rank i % world_size; the last row is padded (targets -100) and every rank gets the
-    same number of rows (a rank short of one gets a row of padding), so all ranks run the same number
+    Each domain's documents are packed in stored order and the rows are dealt round-robin over the domains
+    (`packed_rows`), so any first batches, however few, measure every domain with a held-out row left.
+    Row i goes to rank i % world_size; each domain's last row is padded (targets -100) and every rank gets
+    the same number of rows (a rank short of one gets a row of padding), so all ranks run the same number
     of batches; the last batch may be smaller. Pass `domains` to measure one domain at a time. `part=(k, n)`
     keeps the held-out documents whose index is k modulo n: disjoint parts for a search and its report.
     """
@@ -301,21 +304,32 @@ def validation_batches(dataset: TokenDataset, *, seq_len: int, batch_size: int, 
 
 def packed_rows(stores: list[tuple[str, DocumentStore]], seq_len: int, rank: int = 0, world_size: int = 1,
                 mask_documents: bool = True, part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, np.ndarray]]:
-    """Every document of `stores` (any objects with `len()` and `document(i)`), in order, packed into rows of
-    `seq_len`; this process takes every `world_size`-th row (a short last round is padded for the ranks it misses)."""
-    keys = iter([(name, i) for name, store in stores for i in range(len(store)) if i % part[1] == part[0]])
-    by_name = dict(stores)
+    """Every document of `stores` (any objects with `len()` and `document(i)`) packed into rows of `seq_len`:
+    each store's documents in order into its own rows, the rows dealt one store after another (round-robin; a
+    store that runs out drops out). This process takes every `world_size`-th row (a short last round is padded
+    for the ranks it misses)."""
 
-    def draw():
-        key = next(keys, None)
-        return None if key is None else (key, by_name[key[0]].document(key[1]))
+    def store_rows(name, store):
+        keys = iter([(name, i) for i in range(len(store)) if i % part[1] == part[0]])
 
-    packer = Packer(seq_len)
-    for row_index in itertools.count():
-        segments = packer.next_row(draw)
-        if segments is None:
-            if row_index % world_size and rank >= row_index % world_size:  # the last round missed this rank
-                yield window_example([np.full(seq_len + 1, PAD)], mask_documents)
-            return
-        if row_index % world_size == rank:
-            yield window_example(segments, mask_documents)
+        def draw():
+            key = next(keys, None)
+            return None if key is None else (key, store.document(key[1]))
+
+        packer = Packer(seq_len)
+        while (segments := packer.next_row(draw)) is not None:
+            yield segments
+
+    active = [store_rows(name, store) for name, store in stores]
+    row_index = 0
+    while active:
+        for rows in list(active):
+            segments = next(rows, None)
+            if segments is None:
+                active.remove(rows)
+                continue
+            if row_index % world_size == rank:
+                yield window_example(segments, mask_documents)
+            row_index += 1
+    if row_index % world_size and rank >= row_index % world_size:  # the last round missed this rank
+        yield window_example([np.full(seq_len + 1, PAD)], mask_documents)

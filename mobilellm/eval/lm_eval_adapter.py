@@ -1,7 +1,7 @@
 """lm-evaluation-harness model `mobilellm`: our checkpoints (full precision or quantized) under lm-eval.
 
-    lm_eval --model mobilellm --model_args pretrained=FOLDER --tasks hellaswag
-    lm_eval --model mobilellm --model_args pretrained=INT4_FOLDER,tokenizer=FOLDER --tasks hellaswag
+    lm_eval --model mobilellm --model_args pretrained=FOLDER --include_path DIR --tasks TASK
+    lm_eval --model mobilellm --model_args pretrained=INT4_FOLDER,tokenizer=FOLDER --include_path DIR --tasks TASK
 
 The scoring is our own (shared-prefix batches, the infer engine's KV cache for generation); lm-eval
 does the tokenization split (`TemplateLM._encode_pair`), the prompts and the metrics. How the `lm_eval`

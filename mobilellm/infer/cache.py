@@ -208,5 +208,5 @@ def cache_report(config: ModelConfig, token_counts=(2000, 4000, 8000)) -> str:
         lg = kv_cache_bytes(config, tokens, scale_bytes=0) / MiB
         lg_scaled = kv_cache_bytes(config, tokens) / MiB
         glob = kv_cache_bytes(config, tokens, scale_bytes=0, all_global=True) / MiB
-        lines.append(f"{tokens:>8} {lg:>10.1f} MB {lg_scaled:>9.1f} MB {glob:>8.1f} MB")
+        lines.append(f"{tokens:>8} {lg:>9.1f} MiB {lg_scaled:>8.1f} MiB {glob:>7.1f} MiB")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -40,11 +41,16 @@ def load_extension():
     None when this CPU lacks AVX2 or the build fails (the reference path is used then)."""
     if not cpu_supports_avx2():
         return None
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import get_default_build_root, load
     # Named by content: two checkouts with different kernels never overwrite each other's build.
     digest = hashlib.sha1(b"".join(f.read_bytes() for f in _SOURCES + sorted(_CSRC.glob("*.h")))).hexdigest()[:12]
+    name = f"mobilellm_cpu_kernels_{digest}"
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())  # where `load` builds
+    if not any(root.glob(f"{name}/{name}.so")) and not any(root.glob(f"*/{name}/{name}.so")):
+        print(f"building the int4 CPU kernels (first use only, about a minute with gcc; cached in {root})",
+              file=sys.stderr, flush=True)
     try:
-        ext = load(name=f"mobilellm_cpu_kernels_{digest}", sources=[str(source) for source in _SOURCES],
+        ext = load(name=name, sources=[str(source) for source in _SOURCES],
                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
                    extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # a missing compiler must not break inference: fall back, say why

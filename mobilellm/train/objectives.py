@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..artifacts import resolve_checkpoint
 from .losses import CrossEntropy, Distillation, Loss
 from .preference import PreferenceLoss, cached_reference
 from .teacher import frozen_copy, load_teacher
@@ -72,11 +73,12 @@ class KD(Objective):
                              "(the full distribution is recomputed, not cached)")
 
     def __call__(self, context: StageContext) -> Loss:
-        teacher = load_teacher(self.teacher, context.model.config, context.tokenizer, dtype=context.dtype,
+        folder = resolve_checkpoint(self.teacher)  # a fetchable name or a run folder -> its checkpoint folder
+        teacher = load_teacher(folder, context.model.config, context.tokenizer, dtype=context.dtype,
                                device=context.device, seq_len=context.seq_len)
         cache = None
         if self.cache:
-            identity = teacher_identity(self.teacher, teacher, context.dtype)
+            identity = teacher_identity(folder, teacher, context.dtype)
             cache = TopKCache(self.cache, teacher, self.top_k, self.temperature, identity)
         return Distillation(teacher, temperature=self.temperature, ce_weight=self.ce_weight, top_k=self.top_k,
                             cache=cache)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..artifacts import resolve_checkpoint
 from ..config import ModelConfig
 from ..data.shards import tokenizer_identity
 from ..errors import UserError
@@ -63,6 +64,8 @@ def check_compatible(teacher_dir: str | Path, student: ModelConfig, student_toke
 
 def load_teacher(folder: str | Path, student: ModelConfig, student_tokenizer: str | Path | None = None,
                  dtype: torch.dtype = torch.float32, device="cpu", seq_len: int | None = None) -> nn.Module:
-    """Load, check against the student (and the training window, when given), and freeze a teacher."""
+    """Load, check against the student (and the training window, when given), and freeze a teacher: a checkpoint
+    folder, a run folder (its latest checkpoint) or a fetchable name (smollm2-135m)."""
+    folder = resolve_checkpoint(folder)
     check_compatible(folder, student, student_tokenizer, seq_len)
     return freeze(load_pretrained(folder, dtype=dtype, device=device))

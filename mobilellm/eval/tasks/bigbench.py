@@ -29,6 +29,7 @@ import difflib
 import json
 import math
 import re
+import sys
 import tarfile
 import tempfile
 from contextlib import ExitStack
@@ -96,8 +97,10 @@ def fetch_bigbench(names: list[str]) -> Path:
     with tempfile.TemporaryDirectory(dir=cache_root()) as tmp, ExitStack() as folders:
         archive = pip_download(REQUIREMENT, Path(tmp), sdist=True)
         staged = {name: folders.enter_context(atomic_folder(root / name)) for name in missing}
-        with tarfile.open(archive) as tar:
+        with tarfile.open(archive) as tar, tqdm(desc=f"extracting {len(missing)} BIG-bench task(s)", unit=" files",
+                                                file=sys.stderr) as bar:
             for member in tar:
+                bar.update()
                 m = TASK_JSON.match(member.name)
                 if m and m.group(1) in staged and member.isfile():
                     target = staged[m.group(1)] / m.group(2) / "task.json"
