@@ -71,7 +71,8 @@ def read_gguf(path: str | Path, name: str | None = None) -> tuple[ModelConfig, d
         tie_embeddings="lm_head.weight" not in tensors,
         max_seq_len=int(_field(reader, "llama.context_length", 2048)),
         bos_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_ids=tuple(x for x in [_field(reader, "tokenizer.ggml.eos_token_id")] if x is not None),
+        eos_ids=tuple(dict.fromkeys(x for x in (_field(reader, "tokenizer.ggml.eos_token_id"),
+                                                 _field(reader, "tokenizer.ggml.eot_token_id")) if x is not None)),
         pad_id=_field(reader, "tokenizer.ggml.padding_token_id"),
     )
     return config, tensors
