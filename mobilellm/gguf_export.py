@@ -169,7 +169,7 @@ def _pre_tokenizer(spec: dict | None, origin: str) -> str:
     def byte_level(p):
         return p.get("type") == "ByteLevel" and p.get("use_regex", True)
     if spec and byte_level(spec):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp spells it with a hyphen
     steps = spec.get("pretokenizers", []) if spec and spec.get("type") == "Sequence" else []
     if len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits") \
             and byte_level(steps[1]):
