@@ -67,7 +67,8 @@ def llama_cpp(tool: Path, gguf: Path, prompt: str, new_tokens: int) -> str:
         raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
     text = result.stdout  # llama-simple echoes the prompt (after a printed BOS) before the continuation
     at = text.find(prompt)
-    return text[at + len(prompt):] if at >= 0 else text
+    text = text[at + len(prompt):] if at >= 0 else text
+    return text.removesuffix("\n")  # the newline llama-simple prints after the last token
 
 
 def shared_prefix(a: str, b: str) -> int:
