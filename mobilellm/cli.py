@@ -66,6 +66,7 @@ COMMANDS: dict[str, str] = {
     "info": "mobilellm.commands.info:info",
     "fetch": "mobilellm.commands.fetch:fetch",
     "convert": "mobilellm.commands.convert:convert",
+    "export": "mobilellm.commands.export:export",
     "corpus": "mobilellm.commands.corpus:corpus",
     "tokenize": "mobilellm.commands.tokenize:tokenize",
     "tokenize-slurm": "mobilellm.commands.tokenize:tokenize_slurm",

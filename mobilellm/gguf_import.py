@@ -71,7 +71,8 @@ def read_gguf(path: str | Path, name: str | None = None) -> tuple[ModelConfig, d
         tie_embeddings="lm_head.weight" not in tensors,
         max_seq_len=int(_field(reader, "llama.context_length", 2048)),
         bos_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_ids=tuple(x for x in [_field(reader, "tokenizer.ggml.eos_token_id")] if x is not None),
+        eos_ids=tuple(dict.fromkeys(x for x in (_field(reader, "tokenizer.ggml.eos_token_id"),
+                                                 _field(reader, "tokenizer.ggml.eot_token_id")) if x is not None)),
         pad_id=_field(reader, "tokenizer.ggml.padding_token_id"),
     )
     return config, tensors
@@ -84,13 +85,25 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, name: str | No
 
 
 def gguf_tokenizer_files(path: str | Path) -> dict[str, str]:
-    """tokenizer.json, tokenizer_config.json and chat template converted by transformers' GGUF reader."""
+    """tokenizer.json, tokenizer_config.json and chat template converted by transformers' GGUF reader.
+
+    Its byte-level builder appends GPT-2's `<|endoftext|>` as the unknown token when the file's vocabulary
+    lacks it; an id past the file's token list is dropped, so the tokenizer keeps the file's size."""
+    import json
     import tempfile
 
+    import gguf
     from transformers import AutoTokenizer
 
     path = Path(path)
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    n_tokens = len(gguf.GGUFReader(path).fields["tokenizer.ggml.tokens"].data)
     with tempfile.TemporaryDirectory() as tmp:
         tok.save_pretrained(tmp)
-        return {f.name: f.read_text() for f in Path(tmp).iterdir() if f.is_file()}
+        files = {f.name: f.read_text() for f in Path(tmp).iterdir() if f.is_file()}
+    spec = json.loads(files["tokenizer.json"])
+    extra = [t for t in spec.get("added_tokens", []) if t["id"] >= n_tokens]
+    if extra:
+        spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] < n_tokens]
+        files["tokenizer.json"] = json.dumps(spec, ensure_ascii=False)
+    return files

@@ -84,7 +84,10 @@ def export_pte(model: Transformer, config: QuantConfig, path: str | Path, seq_le
 def run_pte(path: str | Path, tokens: torch.Tensor) -> torch.Tensor:
     """Logits from the ExecuTorch runtime (its XNNPACK delegate) for tokens (1, seq_len)."""
     _require_executorch()
-    from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch
 
-    program = _load_for_executorch_from_buffer(Path(path).read_bytes())
+    # The loader reads the file itself. `_load_for_executorch_from_buffer(path.read_bytes())` keeps pointers
+    # into the bytes without a reference to them: once they are freed, forward reads freed memory (the
+    # segfault in `program.forward` of executorch 1.5.1).
+    program = _load_for_executorch(str(path))
     return program.forward((tokens,))[0]
