@@ -176,7 +176,7 @@ def test_qat_help_lists_its_flags(capsys):
     with pytest.raises(SystemExit):
         cli(["qat", "--help"])
     out = capsys.readouterr().out
-    assert "--resume" in out and "--parallel" in out and "10 percent warmup" in out
+    assert "--resume" in out and "--parallel" in out and "10% warmup" in out
 
 
 # ---- kill and resume, on 1 process and on 2 gloo processes ---------------------------------------------------
