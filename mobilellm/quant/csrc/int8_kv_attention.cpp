@@ -152,54 +152,28 @@ void attend_head(const float* q, int64_t G, const int8_t* k, const float* ks, co
 
 }  // namespace
 
-torch::Tensor int8_kv_attention(torch::Tensor q, torch::Tensor k, torch::Tensor k_scale, torch::Tensor v,
-                                torch::Tensor v_scale, int64_t n, double sm_scale) {
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat && q.is_contiguous(), "q must be contiguous float (B, Hq, hd)");
-  TORCH_CHECK(k.dim() == 4 && k.scalar_type() == torch::kChar && k.is_contiguous() && v.sizes() == k.sizes() &&
-              v.scalar_type() == torch::kChar && v.is_contiguous(), "k and v must be contiguous int8 (B, Hkv, S, hd)");
-  const int64_t B = k.size(0), Hkv = k.size(1), S = k.size(2), hd = k.size(3), Hq = q.size(1);
-  TORCH_CHECK(q.size(0) == B && q.size(2) == hd && Hq % Hkv == 0, "q (B, Hq, hd) does not match k (B, Hkv, S, hd)");
-  TORCH_CHECK(hd % 8 == 0, "head_dim must be a multiple of 8");
-  TORCH_CHECK(k_scale.scalar_type() == torch::kFloat && k_scale.is_contiguous() && k_scale.numel() == B * Hkv * S &&
-              v_scale.scalar_type() == torch::kFloat && v_scale.is_contiguous() && v_scale.numel() == B * Hkv * S,
-              "scales must be contiguous float (B, Hkv, S, 1)");
-  TORCH_CHECK(n >= 1 && n <= S, "n must be in [1, S]");
-  const int64_t G = Hq / Hkv;
-  auto out = torch::empty({B, Hq, hd}, torch::kFloat);
-  const float* qp = q.data_ptr<float>();
-  const int8_t *kp = k.data_ptr<int8_t>(), *vp = v.data_ptr<int8_t>();
-  const float *ksp = k_scale.data_ptr<float>(), *vsp = v_scale.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores, tile;
-    for (int64_t i = i0; i < i1; ++i)  // i = b * Hkv + h: its query heads are i * G ... i * G + G - 1
-      attend_head(qp + i * G * hd, G, kp + i * S * hd, ksp + i * S, vp + i * S * hd, vsp + i * S, n, hd,
-                  static_cast<float>(sm_scale), op + i * G * hd, scores, tile);
-  });
-  return out;
-}
-
-// Continuous batching: row b of q (B, Hq, hd) attends slots [0, n[b]) of store row rows[b] of k, v (N, Hkv, S, hd)
-// (a slot cache of N sequences, each at its own length). Every (row, KV head) goes through the same attend_head
-// as int8_kv_attention, so each row's numbers equal that row's call alone, and one call covers the whole batch.
-torch::Tensor int8_kv_attention_rows(torch::Tensor q, torch::Tensor k, torch::Tensor k_scale, torch::Tensor v,
-                                     torch::Tensor v_scale, torch::Tensor rows, torch::Tensor n, double sm_scale) {
+// Row b of q (B, Hq, hd) attends slots [0, n_b) of store row r_b of k, v (N, Hkv, S, hd): r_b = rows[b] and
+// n_b = n[b] when given (continuous batching: a slot cache of N sequences, each at its own length), else r_b = b
+// and n_b = n_all. Every (row, KV head) goes through the same attend_head, so each row's numbers equal that
+// row's call alone, and one call covers the whole batch.
+static torch::Tensor attend_rows(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& k_scale,
+                                 const torch::Tensor& v, const torch::Tensor& v_scale, const int64_t* rp,
+                                 const int64_t* np, int64_t n_all, double sm_scale) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat && q.is_contiguous(), "q must be contiguous float (B, Hq, hd)");
   TORCH_CHECK(k.dim() == 4 && k.scalar_type() == torch::kChar && k.is_contiguous() && v.sizes() == k.sizes() &&
               v.scalar_type() == torch::kChar && v.is_contiguous(), "k and v must be contiguous int8 (N, Hkv, S, hd)");
   const int64_t N = k.size(0), Hkv = k.size(1), S = k.size(2), hd = k.size(3), B = q.size(0), Hq = q.size(1);
-  TORCH_CHECK(q.size(2) == hd && Hq % Hkv == 0, "q (B, Hq, hd) does not match k (N, Hkv, S, hd)");
+  TORCH_CHECK(q.size(2) == hd && Hq % Hkv == 0 && (rp != nullptr || B == N),
+              "q (B, Hq, hd) does not match k (N, Hkv, S, hd)");
   TORCH_CHECK(hd % 8 == 0, "head_dim must be a multiple of 8");
   TORCH_CHECK(k_scale.scalar_type() == torch::kFloat && k_scale.is_contiguous() && k_scale.numel() == N * Hkv * S &&
               v_scale.scalar_type() == torch::kFloat && v_scale.is_contiguous() && v_scale.numel() == N * Hkv * S,
               "scales must be contiguous float (N, Hkv, S, 1)");
-  TORCH_CHECK(rows.scalar_type() == torch::kLong && rows.dim() == 1 && rows.size(0) == B && n.scalar_type() == torch::kLong &&
-              n.dim() == 1 && n.size(0) == B, "rows and n must be int64 (B,)");
-  const auto rows_c = rows.contiguous(), n_c = n.contiguous();
-  const int64_t *rp = rows_c.data_ptr<int64_t>(), *np = n_c.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(rp[b] >= 0 && rp[b] < N && np[b] >= 1 && np[b] <= S, "row ", b, ": store row ", rp[b],
-                " must be in [0, ", N, ") and n ", np[b], " in [1, ", S, "]");
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t r = rp ? rp[b] : b, nb = np ? np[b] : n_all;
+    TORCH_CHECK(r >= 0 && r < N && nb >= 1 && nb <= S, "row ", b, ": store row ", r, " must be in [0, ", N,
+                ") and n ", nb, " in [1, ", S, "]");
+  }
   const int64_t G = Hq / Hkv;
   auto out = torch::empty({B, Hq, hd}, torch::kFloat);
   const float* qp = q.data_ptr<float>();
@@ -208,13 +182,28 @@ torch::Tensor int8_kv_attention_rows(torch::Tensor q, torch::Tensor k, torch::Te
   float* op = out.data_ptr<float>();
   at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores, tile;
-    for (int64_t i = i0; i < i1; ++i) {  // i = b * Hkv + h; its store head is rows[b] * Hkv + h
-      const int64_t b = i / Hkv, j = rp[b] * Hkv + i % Hkv;
-      attend_head(qp + i * G * hd, G, kp + j * S * hd, ksp + j * S, vp + j * S * hd, vsp + j * S, np[b], hd,
-                  static_cast<float>(sm_scale), op + i * G * hd, scores, tile);
+    for (int64_t i = i0; i < i1; ++i) {  // i = b * Hkv + h; its store head is r_b * Hkv + h
+      const int64_t b = i / Hkv, j = (rp ? rp[b] : b) * Hkv + i % Hkv;
+      attend_head(qp + i * G * hd, G, kp + j * S * hd, ksp + j * S, vp + j * S * hd, vsp + j * S,
+                  np ? np[b] : n_all, hd, static_cast<float>(sm_scale), op + i * G * hd, scores, tile);
     }
   });
   return out;
+}
+
+// One sequence per row of k, v (B, Hkv, S, hd), all at length n.
+torch::Tensor int8_kv_attention(torch::Tensor q, torch::Tensor k, torch::Tensor k_scale, torch::Tensor v,
+                                torch::Tensor v_scale, int64_t n, double sm_scale) {
+  return attend_rows(q, k, k_scale, v, v_scale, nullptr, nullptr, n, sm_scale);
+}
+
+// Continuous batching: rows (B,) picks each query row's sequence in the slot cache, n (B,) its length.
+torch::Tensor int8_kv_attention_rows(torch::Tensor q, torch::Tensor k, torch::Tensor k_scale, torch::Tensor v,
+                                     torch::Tensor v_scale, torch::Tensor rows, torch::Tensor n, double sm_scale) {
+  TORCH_CHECK(rows.scalar_type() == torch::kLong && rows.dim() == 1 && rows.size(0) == q.size(0) &&
+              n.scalar_type() == torch::kLong && n.dim() == 1 && n.size(0) == q.size(0), "rows and n must be int64 (B,)");
+  const auto rows_c = rows.contiguous(), n_c = n.contiguous();
+  return attend_rows(q, k, k_scale, v, v_scale, rows_c.data_ptr<int64_t>(), n_c.data_ptr<int64_t>(), 0, sm_scale);
 }
 
 TORCH_LIBRARY_FRAGMENT(mobilellm, m) {
