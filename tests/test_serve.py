@@ -305,7 +305,7 @@ def test_bad_requests_get_clear_4xx_and_the_server_lives_on(server, client):
 
 def test_api_key_queue_bound_and_timeout(int4_dir):
     """A second server: one slot with prefix reuse, a queue of one, an 8 s timeout, an API key."""
-    process, base = start_server(int4_dir, "--max-batch", "1", "--max-queue", "1", "--context", "512",
+    process, base = start_server(int4_dir, "--max-batch", "1", "--max-queue", "1", "--context", "2048",
                                  "--request-timeout", "8", "--api-key", "sekret")
     try:
         with pytest.raises(openai.AuthenticationError, match="API key"):
@@ -313,9 +313,10 @@ def test_api_key_queue_bound_and_timeout(int4_dir):
         assert get(base + "/v1/models")[0] == 401 and get(base + "/v1/models", key="sekret")[0] == 200
         client = openai.OpenAI(base_url=base + "/v1", api_key="sekret", timeout=60, max_retries=0)
         check_a_chat_turn_reuses_the_previous_turns_kv(int4_dir, client)
-        long = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=400,
+        long = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=2000,
                     temperature=0, extra_body={"ignore_eos": True})
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            # 2,000 tokens take well over 8 s at any decode speed this engine reaches on a CPU
             running = pool.submit(client.chat.completions.create, **long)  # takes the slot, then times out
             wait_for(base, "slots_busy", 1)
             waiting = pool.submit(client.chat.completions.create, **long)  # fills the queue

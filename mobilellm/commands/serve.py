@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 from ..infer.sampling import SamplingConfig
 from .generate import load, pick_decode_step, set_threads
@@ -63,4 +65,18 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
                     request_timeout=request_timeout)
     print(f"serving {name} on http://{host}:{port}/v1 ({max_batch} slots of {context} tokens)", file=sys.stderr,
           flush=True)
-    uvicorn.run(server.app(), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    # The engine loop runs on the main thread (the int4 kernels' OpenMP teams are several times slower per call
+    # from another thread); HTTP on a thread of its own. SIGINT / SIGTERM stop HTTP, whose shutdown stops the engine.
+    http = uvicorn.Server(uvicorn.Config(server.app(), host=host, port=port, log_level="warning",
+                                         timeout_graceful_shutdown=5))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: setattr(http, "should_exit", True))
+    engine.start(on_thread=False)
+    web = threading.Thread(target=http.run, name="mobilellm-http")
+    web.start()
+    watcher = threading.Thread(target=lambda: (web.join(), engine.stop(timeout=0)), daemon=True)
+    watcher.start()  # HTTP ending for any reason (a port in use, a shutdown) ends the engine loop
+    engine.run()
+    web.join()
+    if not http.started:
+        raise SystemExit(f"mobilellm serve: could not start the HTTP server on {host}:{port} (see the error above)")

@@ -131,6 +131,8 @@ class Engine:
         self.slot_used = [0.0] * n_slots
         self.wake = threading.Condition()
         self.thread: threading.Thread | None = None
+        self.driver: threading.Thread | None = None  # the thread running the loop
+        self.finished = threading.Event()  # set when the loop has ended
         self.running = False
 
     # ---- from the HTTP side -------------------------------------------------------------------
@@ -145,18 +147,25 @@ class Engine:
             self.metrics.queue_depth = len(self.waiting)
             self.wake.notify()
 
-    def start(self) -> "Engine":
+    def start(self, on_thread: bool = True) -> "Engine":
+        """Start serving: on a thread of its own, or (on_thread=False) on the caller's, which then calls `run`.
+        A second call while running does nothing."""
+        if self.running:
+            return self
         self.running = True
-        self.thread = threading.Thread(target=self._run, name="mobilellm-engine", daemon=True)
-        self.thread.start()
+        self.finished.clear()
+        if on_thread:
+            self.thread = threading.Thread(target=self.run, name="mobilellm-engine", daemon=True)
+            self.thread.start()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        """From any thread: the loop ends after its current step; what is still queued or running gets a 503."""
         with self.wake:
             self.running = False
             self.wake.notify()
-        if self.thread is not None:
-            self.thread.join(timeout)
+        if threading.current_thread() is not self.driver:
+            self.finished.wait(timeout)
         for request in list(self.waiting) + list(self.active.values()):
             request.emit(Failed(503, "the server is shutting down"))
 
@@ -176,17 +185,23 @@ class Engine:
             self.cache.truncate(slot, 0)
 
     # ---- the engine thread --------------------------------------------------------------------
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The engine loop, until `stop`: on the engine's thread, or on the main thread (`serve` does that: torch's
+        OpenMP teams started from a non-main thread make the int4 kernels several times slower per call)."""
+        self.driver = threading.current_thread()
         torch.set_grad_enabled(False)
-        while self.running:
-            try:
-                self.step()
-            except Exception as err:  # never let the loop die: fail what was running, keep serving
-                log.exception("engine step failed")
-                for slot, request in list(self.active.items()):
-                    self._fail(request, 500, f"internal error while generating: {err}")
-                    self.cache.truncate(slot, 0)
-                    self.slot_tokens[slot] = []
+        try:
+            while self.running:
+                try:
+                    self.step()
+                except Exception as err:  # never let the loop die: fail what was running, keep serving
+                    log.exception("engine step failed")
+                    for slot, request in list(self.active.items()):
+                        self._fail(request, 500, f"internal error while generating: {err}")
+                        self.cache.truncate(slot, 0)
+                        self.slot_tokens[slot] = []
+        finally:
+            self.finished.set()
 
     def step(self) -> None:
         """One scheduling step: drop, admit, one prefill chunk, one batched decode step."""
