@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from mobilellm.atomic import write_json_atomic
+from mobilellm.pipeline.runner import cpu_model
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
@@ -28,15 +29,7 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
 
 
 def machine_info(note: str | None = None) -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
             "python": platform.python_version(),
             "note": note or "shared machine: other jobs may run beside this one; compare ratios within one run, "

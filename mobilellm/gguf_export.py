@@ -33,6 +33,7 @@ from tqdm import tqdm
 from .atomic import atomic_file
 from .config import ModelConfig
 from .errors import UserError
+from .gguf_import import BLOCK_NAMES
 from .model import RMSNorm, Transformer
 from .quant.math import INT4_MIN, PACK_BLOCK, dequantize_int4, unpack_int4
 from .quant.modules import QuantizedEmbedding, QuantizedLinear
@@ -40,13 +41,7 @@ from .tokenizer import Tokenizer
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 BLOCK = 32  # the block of every GGUF type exported here
-# ours -> llama.cpp, per block (gguf_import.BLOCK_NAMES is the inverse)
-BLOCK_TENSORS = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
+BLOCK_TENSORS = {ours: theirs for theirs, ours in BLOCK_NAMES.items()}  # ours -> llama.cpp, per block
 
 
 class ExportError(UserError):

@@ -94,6 +94,12 @@ def row_correction(packed: torch.Tensor, scales: torch.Tensor, group_size: int) 
     return load_extension().int4_row_correction(packed, scales, group_size)
 
 
+def require_kernels() -> None:
+    """The "cpp" backend asked for outside a compiled graph (which calls the ops it traced): the build must exist."""
+    if not torch.compiler.is_compiling() and load_extension() is None:
+        raise RuntimeError("the C++ kernels are not available on this machine (no AVX2 or no compiler)")
+
+
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int,
                 int8_activations: bool, backend: str | None = None,
                 correction: torch.Tensor | None = None, out_features: int | None = None) -> torch.Tensor:
@@ -105,8 +111,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, gro
     K = x.shape[-1]
     x2 = x.reshape(-1, K)  # (M, K)
     if backend == "cpp":
-        if not torch.compiler.is_compiling() and load_extension() is None:
-            raise RuntimeError("the int4 C++ kernels are not available on this machine (no AVX2 or no compiler)")
+        require_kernels()
         if int8_activations:
             if correction is None:
                 correction = row_correction(packed, scales, group_size)
@@ -130,8 +135,7 @@ def int8_kv_attention(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, v
     if T != 1:
         raise ValueError(f"int8_kv_attention takes one query token per row, got {T}")
     if (backend or default_backend()) == "cpp" and hd % 8 == 0:
-        if not torch.compiler.is_compiling() and load_extension() is None:
-            raise RuntimeError("the C++ kernels are not available on this machine (no AVX2 or no compiler)")
+        require_kernels()
         out = torch.ops.mobilellm.int8_kv_attention(q.reshape(B, Hq, hd).float().contiguous(), k, k_scale, v,
                                                     v_scale, n, hd ** -0.5)
         return out.view(B, Hq, 1, hd).to(q.dtype)
@@ -150,8 +154,7 @@ def int8_kv_attention_rows(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tens
     if T != 1:
         raise ValueError(f"int8_kv_attention_rows takes one query token per row, got {T}")
     if (backend or default_backend()) == "cpp" and hd % 8 == 0:
-        if not torch.compiler.is_compiling() and load_extension() is None:
-            raise RuntimeError("the C++ kernels are not available on this machine (no AVX2 or no compiler)")
+        require_kernels()
         out = torch.ops.mobilellm.int8_kv_attention_rows(q.reshape(B, Hq, hd).float().contiguous(), k, k_scale, v,
                                                          v_scale, rows, n, hd ** -0.5)
         return out.view(B, Hq, 1, hd).to(q.dtype)

@@ -132,7 +132,8 @@ class Engine:
         self.wake = threading.Condition()
         self.thread: threading.Thread | None = None
         self.driver: threading.Thread | None = None  # the thread running the loop
-        self.finished = threading.Event()  # set when the loop has ended
+        self.finished = threading.Event()  # set while no loop runs (before start, after the loop ended)
+        self.finished.set()
         self.running = False
 
     # ---- from the HTTP side -------------------------------------------------------------------
