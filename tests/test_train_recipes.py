@@ -170,3 +170,32 @@ def test_pretrain_runs_of_each_loss_get_their_own_default_folder(monkeypatch):
                  ["pretrain", "--loss", "ce", "--out", "elsewhere"]):
         assert cli(argv) == 0
     assert runs == [("KD", "runs/starter-kd"), ("CE", "runs/starter-ce"), ("KD", "runs/starter-kd"), ("CE", "elsewhere")]
+
+
+def test_validation_is_measured_and_logged_for_every_domain(tmp_path, tokenizer_dir):
+    from mobilellm.train.loop import validation_losses
+
+    shards = tmp_path / "two-domains"
+    for name, texts in (("prose", TEXTS[::2]), ("code", TEXTS[1::2])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts * 3))
+    tokenize_to_shards({name: [Source(tmp_path / f"{name}.jsonl")] for name in ("prose", "code")},
+                       Tokenizer.load(tokenizer_dir), shards, val_fraction=0.3, progress=False)
+    recipe = tiny_recipe(tmp_path, tokenizer_dir, shards=str(shards), val_batches=2).replace_train(steps=2)
+    run_recipe(recipe, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    measured = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in measured] == [2] and {"val_loss/prose", "val_loss/code"} <= set(measured[0])
+
+    # "all" is the mean over every held-out token, not the mean of the two domains' means
+    model = build_model(recipe.student, seed=1)
+    batches = {"prose": [b for b in [_batch(0, 3)]], "code": [_batch(1, 1)]}
+    losses = validation_losses(model, batches)
+    per_token = {d: torch.nn.functional.cross_entropy(model(b["tokens"]).flatten(0, 1), b["targets"].flatten(),
+                                                      reduction="none") for d, [b] in batches.items()}
+    assert losses["prose"] == pytest.approx(per_token["prose"].mean().item(), rel=1e-5)
+    assert losses["all"] == pytest.approx(torch.cat(list(per_token.values())).mean().item(), rel=1e-5)
+
+
+def _batch(seed, rows, seq_len=8, vocab=300):
+    tokens = torch.randint(0, vocab, (rows, seq_len + 1), generator=torch.Generator().manual_seed(seed))
+    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:]}

@@ -15,6 +15,7 @@ import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ..errors import DataError
 from ..tokenizer import Tokenizer
 from .mixture import DocLengths, MixtureLoader, validation_batches
 from .packing import PACKINGS
@@ -36,7 +37,7 @@ class BatchLayout:
 @dataclass
 class BuiltBatches:
     train: Iterator[dict]  # the loop's batch source
-    validation: list[dict] | None  # this process's validation batches, None when the run measures none
+    validation: list[dict] | dict[str, list[dict]] | None  # this process's, by domain or not; None: none measured
     report: dict  # what reading the data found (examples, truncated, dropped): printed and kept beside the run
 
 
@@ -98,10 +99,22 @@ class TokenShards(BatchSource):
         loader = MixtureLoader(dataset, weights, seq_len=layout.seq_len, global_batch_size=layout.global_batch_rows,
                                grad_accum=layout.grad_accum, seed=layout.seed, mask_documents=masked,
                                lengths=self.lengths(), **processes)
-        val = None if val_batches is None else list(validation_batches(
-            dataset, seq_len=layout.seq_len, batch_size=layout.micro_rows, max_batches=val_batches,
-            mask_documents=masked, **processes))
+        val = None if val_batches is None else self.validation(dataset, list(weights), layout, val_batches, masked)
         return BuiltBatches(loader, val, {})
+
+    @staticmethod
+    def validation(dataset, domains, layout, val_batches, masked) -> dict[str, list[dict]]:
+        """Each domain's held-out batches apart ({domain: batches}, `val_batches` split over the domains), so
+        the loop can report every domain's loss; domains without held-out documents are left out."""
+        held_out = [d for d in domains if len(dataset.documents(d, "val"))]
+        if not held_out:
+            raise DataError(f"no validation documents in {', '.join(domains)} of {dataset.folder} "
+                            "(tokenized with --val-fraction 0?)")
+        return {domain: list(validation_batches(dataset, seq_len=layout.seq_len, batch_size=layout.micro_rows,
+                                                domains=[domain], max_batches=-(-val_batches // len(held_out)),
+                                                mask_documents=masked, rank=layout.rank,
+                                                world_size=layout.world_size))
+                for domain in held_out}
 
     def lengths(self) -> DocLengths:
         return DocLengths(self.min_doc_tokens, self.max_doc_tokens)

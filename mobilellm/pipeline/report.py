@@ -57,7 +57,9 @@ def key_metric(record: Record) -> str:
         return ", ".join(f"{a} loss {fmt(r['held_out_loss'])}" for a, r in m["arms"].items())
     if "final_loss" in m:
         return f"loss {fmt(m['first_loss'])} -> {fmt(m['final_loss'])}" + (
-            f", val {fmt(m['val_loss'])}" if m.get("val_loss") is not None else "")
+            f", val {fmt(m['val_loss'])}" if m.get("val_loss") is not None else "") + (
+            f" ({', '.join(f'{d} {fmt(v)}' for d, v in m['val_loss_by_domain'].items())})"
+            if m.get("val_loss_by_domain") else "")
     return "-"
 
 

@@ -44,9 +44,11 @@ def train_metrics(run_dir: Path) -> dict:
 
     rows = read_metrics(run_dir)
     losses = [r["loss"] for r in rows if r.get("loss") is not None]
-    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    val = [r for r in rows if "val_loss" in r]
     return {"steps": max((r["step"] for r in rows), default=0), "first_loss": losses[0] if losses else None,
-            "final_loss": losses[-1] if losses else None, "val_loss": val[-1] if val else None,
+            "final_loss": losses[-1] if losses else None, "val_loss": val[-1]["val_loss"] if val else None,
+            "val_loss_by_domain": {k.split("/", 1)[1]: v for k, v in val[-1].items() if k.startswith("val_loss/")}
+            if val else {},
             "objective": next((r["objective"] for r in rows if "objective" in r), None)}
 
 

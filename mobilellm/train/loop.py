@@ -92,14 +92,28 @@ def validation_loss(model: nn.Module, val_batches: Sequence[dict], parallel: Sin
                     autocast: Callable = contextlib.nullcontext) -> float:
     """Mean next-token CE per target token over `val_batches` (all processes together), without gradients,
     in the model's current mode (the loop measures mid-training, fake quantizers included)."""
+    return validation_losses(model, val_batches, parallel, autocast)["all"]
+
+
+def validation_losses(model: nn.Module, val_batches: Sequence[dict] | dict[str, Sequence[dict]],
+                      parallel: SingleProcess | None = None, autocast: Callable = contextlib.nullcontext) -> dict[str, float]:
+    """{"all": CE per target token over every batch, and for batches given by domain ({domain: batches}) each
+    domain's own}: a mean over all domains can fall while one of them rises."""
     parallel = parallel or SingleProcess(next(model.parameters()).device)
-    ce, total, tokens = CrossEntropy(), torch.zeros((), device=parallel.device), torch.zeros((), device=parallel.device)
+    by_domain = val_batches if isinstance(val_batches, dict) else {"all": val_batches}
+    ce, sums = CrossEntropy(), {}
     with torch.no_grad(), autocast():
-        for batch in val_batches:
-            batch = {k: v.to(parallel.device) for k, v in batch.items()}
-            total += ce(model, batch)
-            tokens += ce.count(batch)
-    return (parallel.all_reduce_sum(total) / parallel.all_reduce_sum(tokens)).item()
+        for domain, batches in by_domain.items():
+            total, tokens = torch.zeros((), device=parallel.device), torch.zeros((), device=parallel.device)
+            for batch in batches:
+                batch = {k: v.to(parallel.device) for k, v in batch.items()}
+                total += ce(model, batch)
+                tokens += ce.count(batch)
+            sums[domain] = (parallel.all_reduce_sum(total), parallel.all_reduce_sum(tokens))
+    losses = {domain: (total / tokens).item() for domain, (total, tokens) in sums.items()}
+    if isinstance(val_batches, dict):
+        losses["all"] = (sum(t for t, _ in sums.values()) / sum(n for _, n in sums.values())).item()
+    return losses
 
 
 def next_micro_batches(batches: Iterator[dict], config: TrainConfig, device: torch.device) -> list[dict]:
@@ -137,7 +151,7 @@ def loss_metrics(loss: Loss, count: torch.Tensor, parallel: SingleProcess) -> di
 
 
 def train(model: nn.Module, batches: Iterator[dict], loss: Loss, config: TrainConfig, run_dir: str | Path, *,
-          transforms: Sequence[Transform] = (), val_batches: Sequence[dict] | None = None,
+          transforms: Sequence[Transform] = (), val_batches: Sequence[dict] | dict[str, Sequence[dict]] | None = None,
           parallel: SingleProcess | None = None, resume: bool = False, hooks: Sequence[StepHook] = (),
           extra_files: dict[str, str] | None = None) -> TrainResult:
     """Train `model` for `config.steps` optimizer steps, checkpointing into `run_dir`.
@@ -214,7 +228,7 @@ def train(model: nn.Module, batches: Iterator[dict], loss: Loss, config: TrainCo
                  state.metrics)
         done = step + 1
         if val_batches and config.eval_every and (done % config.eval_every == 0 or done == config.steps):
-            log.validation(step, validation_loss(model, val_batches, parallel, autocast))
+            log.validation(step, validation_losses(model, val_batches, parallel, autocast))
         if (config.save_every and done % config.save_every == 0) or done == config.steps:
             saved = save_checkpoint(run_dir, done, model, optimizer,
                                     {"step": done, "bad_steps": bad_steps, "data": parallel.gather_object(batches.state_dict())},

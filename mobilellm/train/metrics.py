@@ -115,10 +115,15 @@ class ProgressLog:
                 print(line, flush=True)
         return line
 
-    def validation(self, step: int, val_loss: float) -> None:
+    def validation(self, step: int, losses: dict[str, float]) -> None:
+        """`losses`: {"all": ..., and per domain when measured so}; each domain's as `val_loss/<domain>`."""
         if self.enabled:
-            self._write({"step": step + 1, "val_loss": val_loss, "time": time.time()})
-            print(f"step {step + 1:0{self.width}d}/{self.total_steps:0{self.width}d} | val loss {val_loss:.4f}", flush=True)
+            domains = {name: value for name, value in losses.items() if name != "all"}
+            self._write({"step": step + 1, "val_loss": losses["all"],
+                         **{f"val_loss/{name}": value for name, value in domains.items()}, "time": time.time()})
+            detail = f" ({', '.join(f'{name} {value:.3f}' for name, value in domains.items())})" if domains else ""
+            print(f"step {step + 1:0{self.width}d}/{self.total_steps:0{self.width}d} | val loss {losses['all']:.4f}"
+                  + detail, flush=True)
 
     def close(self) -> None:
         if self.tensorboard is not None:

@@ -30,6 +30,7 @@ from .distributed import SingleProcess, init_parallel
 from .hooks import StepHook
 from .loop import TrainConfig, TrainResult, Transform, train
 from .objectives import CE, Objective, StageContext
+from .subclone import subclone_into
 
 
 DATA_REPORT = "data.json"  # beside recipe.json: what reading the data found (truncated, dropped examples)
@@ -45,6 +46,7 @@ class Recipe:
     objective: Objective = CE()
     student: ModelConfig | None = None  # the architecture of a run from scratch (seeded with `seed`)
     init: str | None = None  # or the checkpoint the weights start from: folder, fetchable name or .gguf
+    inherit: str | None = None  # a bigger checkpoint (same tokenizer) the fresh student is subcloned from
     config_changes: dict = field(default_factory=dict)  # applied to init's config, e.g. {"rope_theta": 5e5}
     transforms: tuple[Transform, ...] = ()  # applied before training, e.g. quant.qat.QATPrepare
     tokenizer: str | None = None  # checked against the shards and teacher, copied into checkpoints (default: init's)
@@ -95,6 +97,8 @@ class Recipe:
         if (self.student is None) == (self.init is None):
             raise ValueError(f"recipe {self.name!r} needs exactly one of a student config (from scratch) "
                              "and an init checkpoint")
+        if self.inherit is not None and self.student is None:
+            raise ValueError(f"recipe {self.name!r}: inherit subclones a fresh student; it has an init checkpoint")
         if self.config_changes and self.init is None:
             raise ValueError(f"recipe {self.name!r}: config_changes apply to an init checkpoint; change the student")
         self.objective.check(self.name)
@@ -131,9 +135,17 @@ class Recipe:
 
 
 def start_model(recipe: Recipe):
-    """The starting weights: a seeded fresh student, or the init checkpoint (full precision, config changes applied)."""
+    """The starting weights: a seeded fresh student (subcloned from `inherit` when named), or the init checkpoint
+    (full precision, config changes applied)."""
     if recipe.init is None:
-        return build_model(recipe.student, seed=recipe.seed)
+        model = build_model(recipe.student, seed=recipe.seed)
+        if recipe.inherit is not None:
+            parent = load(recipe.inherit)
+            if parent.quant is not None:
+                raise ValueError(f"recipe {recipe.name!r} inherits from {parent.source}, a quantized checkpoint: "
+                                 "subclone from full-precision weights")
+            subclone_into(model, parent.model)
+        return model
     loaded = load(recipe.init, config_changes=recipe.config_changes)
     if loaded.quant is not None:
         raise ValueError(f"recipe {recipe.name!r} starts from {loaded.source}, a quantized checkpoint: training "
@@ -155,11 +167,14 @@ def run_recipe(recipe: Recipe, out: str | Path, *, resume: bool = False, paralle
     if parallel.is_main:
         if recipe.prepare is not None:
             recipe.prepare()
-        if recipe.init is not None:
-            resolve_checkpoint(recipe.init)  # a fetchable name is fetched once, by one process
+        for start in (recipe.init, recipe.inherit):
+            if start is not None:
+                resolve_checkpoint(start)  # a fetchable name is fetched once, by one process
     parallel.barrier()
     if recipe.init is not None:
         recipe = recipe.replace(init=str(resolve_checkpoint(recipe.init)))
+    if recipe.inherit is not None:
+        recipe = recipe.replace(inherit=str(resolve_checkpoint(recipe.inherit)))
     model = start_model(recipe)
     if recipe.seq_len > model.config.max_seq_len:
         raise ValueError(f"recipe {recipe.name!r} trains on {recipe.seq_len:,}-token windows, past the model's "
