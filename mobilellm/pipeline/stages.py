@@ -133,7 +133,9 @@ def phase1_recipe(plan: Plan, run: StageRun, **changes):
 
 def phase1_stage(plan: Plan, run: StageRun) -> StageResult:
     recipe = phase1_recipe(plan, run)
-    ckpt, metrics, lineage = train(run, recipe, parents=(f"scratch ({plan.student.name}, seed {recipe.seed})",
+    start = (f"subcloned from {plan.teacher} ({plan.student.name})" if recipe.inherit
+             else f"scratch ({plan.student.name}, seed {recipe.seed})")
+    ckpt, metrics, lineage = train(run, recipe, parents=(start,
                                                          f"teacher {plan.teacher}"), how="phase 1: KD pretraining")
     return StageResult({"checkpoint": _rel(run, ckpt)}, metrics=metrics, tokens=metrics["tokens"],
                        files={"run": TRAIN_RUN}, lineage=[lineage])
