@@ -58,6 +58,7 @@ def phase1(shards: str, mix: str, *, tokenizer: str, teacher: str, student: Mode
         shards=shards,
         tokenizer=tokenizer,
         domain_weights=mix,
+        max_doc_tokens=seq_len + 1,  # a row's worth: every row of a batch from a document of its own
         objective=KD(teacher=teacher) if loss == "kd" else CE(),
         seed=seed,
         inherit=teacher if inherit else None,

@@ -15,6 +15,7 @@ from mobilellm.train.optim import Schedule
 from mobilellm.train.recipe import Recipe
 
 STEPS = 100
+SEQ_LEN = 128
 
 
 def shards_dir():
@@ -36,12 +37,13 @@ def starter() -> Recipe:
         train=TrainConfig(steps=STEPS, schedule=Schedule(peak_lr=2e-3, total_steps=STEPS, warmup_steps=10,
                                                          decay="cosine", final_lr=2e-4),
                           save_every=50, eval_every=25, print_every=1),
-        seq_len=128,
+        seq_len=SEQ_LEN,
         global_batch_rows=4,
         micro_batch_rows=4,
         shards=str(shards_dir()),
         tokenizer=str(teacher),
         domain_weights={"prose": 0.45, "code": 0.45, "math": 0.10},
+        max_doc_tokens=SEQ_LEN + 1,  # one row's worth: whole plays otherwise fill 60 consecutive rows
         objective=KD(teacher=str(teacher)),
         val_batches=4,
         prepare=build_shards,

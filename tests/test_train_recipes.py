@@ -199,3 +199,15 @@ def test_validation_is_measured_and_logged_for_every_domain(tmp_path, tokenizer_
 def _batch(seed, rows, seq_len=8, vocab=300):
     tokens = torch.randint(0, vocab, (rows, seq_len + 1), generator=torch.Generator().manual_seed(seed))
     return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+
+def test_a_recipe_cuts_long_documents_into_pieces_drawn_apart(tmp_path, tokenizer_dir):
+    from mobilellm.data.batch_source import TokenShards
+
+    recipe = tiny_recipe(tmp_path, tokenizer_dir, max_doc_tokens=9)
+    source = recipe.batch_source()
+    assert isinstance(source, TokenShards) and source.max_doc_tokens == 9
+    run = run_recipe(recipe.replace_train(steps=1), tmp_path / "run")
+    assert len(run.losses) == 1
+    with pytest.raises(ValueError, match="names both token shards and another batch source"):
+        recipe.replace(shards=None, domain_weights=None, data=source).validate(1)

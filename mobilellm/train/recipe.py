@@ -51,6 +51,9 @@ class Recipe:
     transforms: tuple[Transform, ...] = ()  # applied before training, e.g. quant.qat.QATPrepare
     tokenizer: str | None = None  # checked against the shards and teacher, copied into checkpoints (default: init's)
     domain_weights: dict[str, float] | str | None = None  # None: every domain equally; a str: a mix.json (`mobilellm mix`)
+    # cut token-shard documents longer than this into pieces drawn apart (in shuffled order): a 60-row play
+    # then no longer fills the consecutive batches of a short run, which chases one document's domain
+    max_doc_tokens: int | None = None
     micro_batch_rows: int | None = None  # most sequences per forward pass on one process; None: no cap
     seed: int = 0
     val_batches: int = 4
@@ -102,7 +105,7 @@ class Recipe:
         if self.config_changes and self.init is None:
             raise ValueError(f"recipe {self.name!r}: config_changes apply to an init checkpoint; change the student")
         self.objective.check(self.name)
-        if self.data is not None and (self.shards or self.domain_weights):
+        if self.data is not None and (self.shards or self.domain_weights or self.max_doc_tokens):
             raise ValueError(f"recipe {self.name!r} names both token shards and another batch source: give one")
         source = self.batch_source()
         source.check(self)
@@ -112,7 +115,8 @@ class Recipe:
         return self.batch_split(world_size, micro_batch)[1]
 
     def batch_source(self) -> BatchSource:
-        return self.data if self.data is not None else TokenShards(self.shards, self.domain_weights)
+        return (self.data if self.data is not None
+                else TokenShards(self.shards, self.domain_weights, max_doc_tokens=self.max_doc_tokens))
 
     def tokenizer_folder(self) -> Path | None:
         """The run's tokenizer: the recipe's, else the init checkpoint's own when it has one."""
