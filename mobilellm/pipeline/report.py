@@ -13,7 +13,7 @@ import html
 import os
 from pathlib import Path
 
-from ..atomic import write_text_atomic
+from ..atomic import atomic_file, write_text_atomic
 from .runner import Record, read_record
 
 FIGURES = "report-figures"
@@ -138,7 +138,8 @@ def loss_figure(records: dict[str, Record], out: Path) -> Path | None:
     fig.tight_layout()
     path = out / FIGURES / "losses.png"
     path.parent.mkdir(exist_ok=True)
-    fig.savefig(path, dpi=90)
+    with atomic_file(path, "wb") as fh:  # a killed report leaves the old figure, never half of one
+        fig.savefig(fh, format="png", dpi=90)
     plt.close(fig)
     return path
 
@@ -190,17 +191,28 @@ def val_figure(curves: dict[str, list[tuple[int, float]]], out: Path, name: str,
     fig.tight_layout()
     path = out / FIGURES / name
     path.parent.mkdir(exist_ok=True)
-    fig.savefig(path, dpi=90)
+    with atomic_file(path, "wb") as fh:  # a killed report leaves the old figure, never half of one
+        fig.savefig(fh, format="png", dpi=90)
     plt.close(fig)
     return path
 
 
-def val_curve(folder: Path) -> list[tuple[int, float]]:
+def val_curve(folder: Path, key: str = "val_loss") -> list[tuple[int, float]]:
+    """(step, held-out CE) of a run; `key` val_loss/<domain> for one domain's."""
     from ..train.metrics import read_metrics
 
     if not (folder / "metrics.jsonl").exists():
         return []
-    return [(r["step"], r["val_loss"]) for r in read_metrics(folder) if r.get("val_loss") is not None]
+    return [(r["step"], r[key]) for r in read_metrics(folder) if r.get(key) is not None]
+
+
+def val_curves_by_domain(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """{"all domains": the mean's curve, domain: its own} for a run that measured validation by domain."""
+    from ..train.metrics import read_metrics
+
+    rows = read_metrics(folder) if (folder / "metrics.jsonl").exists() else []
+    keys = sorted({k for r in rows for k in r if k.startswith("val_loss/")})
+    return {"all domains": val_curve(folder), **{k.split("/", 1)[1]: val_curve(folder, k) for k in keys}}
 
 
 def score_columns(results: dict[str, dict]) -> list[str]:
@@ -293,8 +305,8 @@ def write_report(plan, out: str | Path, stage_names: list[str] | None = None) ->
     doc.heading("Loss curves")
     doc.figure(loss_figure(records, out), "training loss per stage")
     if "phase1" in records:
-        doc.figure(val_figure({"phase 1": val_curve(records["phase1"].file("run"))}, out, "phase1-val.png",
-                              "phase 1: held-out CE"), "phase 1 held-out CE by step")
+        doc.figure(val_figure(val_curves_by_domain(records["phase1"].file("run")), out, "phase1-val.png",
+                              "phase 1: held-out CE"), "phase 1 held-out CE by step, all domains and each")
     if "mix" in records:
         m = records["mix"].data["metrics"]
         doc.heading("Data mix (SDM)")
