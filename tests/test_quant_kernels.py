@@ -89,3 +89,23 @@ def test_panel_layout_round_trips_and_gathers_rows():
     index = torch.tensor([12, 0, 7, 8, 7])
     rows, row_scales = panel_rows(panels, panel_scales, index)
     assert torch.equal(rows, packed[index]) and torch.equal(row_scales, scales[index])
+
+
+def test_a_torch_build_lock_left_by_a_killed_build_is_removed_under_ours(tmp_path):
+    """torch waits forever on the `lock` file a killed build leaves; ours is an OS lock, so holding it proves no
+    build runs and the file is stale."""
+    import subprocess
+    import sys
+
+    from mobilellm.quant.kernels import build_lock
+
+    stale = tmp_path / "py311_cpu" / "kernels_abc" / "lock"
+    stale.parent.mkdir(parents=True)
+    stale.touch()
+    with build_lock(tmp_path, "kernels_abc"):
+        assert not stale.exists()
+        # another process cannot take it meanwhile (a second build waits for the first)
+        probe = ("import fcntl, sys; h = open(sys.argv[1], 'w')\n"
+                 "try:\n    fcntl.flock(h, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError:\n    sys.exit(3)")
+        held = subprocess.run([sys.executable, "-c", probe, str(tmp_path / ".kernels_abc.flock")])
+        assert held.returncode == 3

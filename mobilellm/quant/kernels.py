@@ -12,6 +12,8 @@ C++ extension (80% of the read roofline), so "cpp" is the default where it build
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -35,6 +37,23 @@ def cpu_supports_avx2() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+@contextlib.contextmanager
+def build_lock(root: Path, name: str):
+    """Held around torch's build: an OS lock, which dies with its process. torch's own lock is a file that a build
+    killed midway leaves behind, and every later process then waits for it forever; under this lock no build is
+    running, so such a file is stale and removed."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{name}.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            for stale in [*root.glob(f"{name}/lock"), *root.glob(f"*/{name}/lock")]:
+                print(f"removing {stale}, left by a kernel build that was killed", file=sys.stderr, flush=True)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @functools.cache
 def load_extension():
     """Compile (first use, cached by torch under ~/.cache/torch_extensions) and import the C++ kernels;
@@ -50,9 +69,10 @@ def load_extension():
         print(f"building the int4 CPU kernels (first use only, about a minute with gcc; cached in {root})",
               file=sys.stderr, flush=True)
     try:
-        ext = load(name=name, sources=[str(source) for source in _SOURCES],
-                   extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
-                   extra_ldflags=["-fopenmp"], verbose=False)
+        with build_lock(root, name):
+            ext = load(name=name, sources=[str(source) for source in _SOURCES],
+                       extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                       extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # a missing compiler must not break inference: fall back, say why
         log.warning("int4 C++ kernels unavailable (%s); using the PyTorch reference path", err)
         return None
