@@ -39,9 +39,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         v_steps, v_losses = zip(*val)
         ax.plot(v_steps, v_losses, "o-", color="tab:orange", linewidth=2, label="validation next-token CE")
     domains = sorted({key.split("/", 1)[1] for r in records for key in r if key.startswith("val_loss/")})
-    for domain in domains:  # each domain's held-out CE, thin and dashed beside the mean
+    for i, domain in enumerate(domains):  # each domain's held-out CE, thin and dashed beside the mean
         points = [(r["step"], r[f"val_loss/{domain}"]) for r in records if f"val_loss/{domain}" in r]
-        ax.plot(*zip(*points), "--", marker=".", linewidth=1, label=f"validation CE: {domain}")
+        ax.plot(*zip(*points), "--", marker=".", linewidth=1, color=f"C{2 + i}", label=f"validation CE: {domain}")
     ax.set_ylabel("loss")
     ax.set_title(f"{run_dir.name}: loss", loc="left")
     ax.grid(alpha=0.3)
