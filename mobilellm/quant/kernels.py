@@ -62,7 +62,9 @@ def load_extension():
         return None
     from torch.utils.cpp_extension import get_default_build_root, load
     # Named by content: two checkouts with different kernels never overwrite each other's build.
-    digest = hashlib.sha1(b"".join(f.read_bytes() for f in _SOURCES + sorted(_CSRC.glob("*.h")))).hexdigest()[:12]
+    # The torch version too: a build against another torch (another venv) must not replace this one's.
+    digest = hashlib.sha1(b"".join(f.read_bytes() for f in _SOURCES + sorted(_CSRC.glob("*.h")))
+                          + torch.__version__.encode()).hexdigest()[:12]
     name = f"mobilellm_cpu_kernels_{digest}"
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())  # where `load` builds
     if not any(root.glob(f"{name}/{name}.so")) and not any(root.glob(f"*/{name}/{name}.so")):
