@@ -10,6 +10,10 @@ tokens is attended as [ring slots before the chunk] + [the chunk's own keys], so
 still see their in-window keys that the chunk is about to overwrite; the mask drops what falls out of each
 query's window. Global (and chunked-attention) layers keep every position up to `max_len`.
 
+A cache can be rolled back (speculative decoding feeds drafted tokens, then forgets the rejected ones): `mark(span)`
+copies the ring slots the next `span` tokens will overwrite, `rollback(position)` puts them back and moves
+`next_position`. Global layers need no copy: slots past `next_position` are never read, and are written again.
+
 With `int8=True`, K and V are stored as int8 with one fp32 scale per token and head (symmetric absmax,
 `mobilellm.quant.math.quantize_kv_int8`, the math QAT fakes); they are dequantized to the compute dtype when attended.
 """
@@ -108,6 +112,7 @@ class KVCache(AttentionCache):
         self.attends_one_token = int8 and torch.device(device).type == "cpu"
         self.window = config.sliding_window
         self.next_position = 0
+        self._mark: tuple[int, int, dict[int, list[torch.Tensor]]] | None = None  # (position, span, saved ring slots)
         self.stores = [
             KVStore(batch, config.n_kv_heads, self.slots(layer_type), config.head_dim, dtype, int8, device)
             for layer_type in config.layer_types]
@@ -171,9 +176,52 @@ class KVCache(AttentionCache):
         n = torch.sym_min(start + 1, self.window) if ring else start + 1  # sym_min: no recompile at the wrap
         return int8_kv_attention(q, store.k, store.k_scale, store.v, store.v_scale, n)
 
+    # ---- rolling back ---------------------------------------------------------------------------
+    def mark(self, span: int) -> None:
+        """Make `rollback` to the current position (or any later one) possible while at most `span` more tokens
+        are fed: the ring slots they will overwrite are copied now, each written at most once (span <= window)."""
+        if not 0 <= span <= self.max_rollback:
+            raise ValueError(f"can mark 0..{self.max_rollback} tokens ahead (the sliding window), got {span}")
+        rings = [layer for layer in range(len(self.stores)) if self.is_ring(layer)]
+        start = self.next_position
+        saved = {}
+        if rings:
+            slots = torch.arange(start, start + span, device=self.rotation_table.cos.device) % self.window
+            saved = {layer: [t[:, :, slots].clone() for t in self.stores[layer].tensors()] for layer in rings}
+        self._mark = start, span, saved
+
+    @property
+    def max_rollback(self) -> int:
+        """The most tokens one mark can take back: the sliding window where a layer keeps a ring."""
+        return self.window if any(self.is_ring(layer) for layer in range(len(self.stores))) else self.max_len
+
+    def can_rollback(self, position: int) -> bool:
+        return (self._mark is not None and self._mark[0] <= position <= self.next_position
+                and self.next_position - self._mark[0] <= self._mark[1])
+
+    def rollback(self, position: int) -> None:
+        """Forget every token from `position` on, as if they had never been fed (position between the last
+        mark's and next_position; the mark stays, so a later rollback may go back to it again)."""
+        if self._mark is None:
+            raise ValueError("rollback without a mark: call mark(span) before feeding the tokens to take back")
+        start, span, saved = self._mark
+        if not start <= position <= self.next_position:
+            raise ValueError(f"can roll back to positions {start}..{self.next_position}, got {position}")
+        if self.next_position - start > span:
+            raise ValueError(f"{self.next_position - start} tokens were fed since the mark, which saved {span}")
+        if saved and position < self.next_position:
+            device = self.rotation_table.cos.device
+            slots = torch.arange(position, self.next_position, device=device) % self.window
+            rows = torch.arange(position - start, self.next_position - start, device=device)  # into the saved copy
+            for layer, copies in saved.items():
+                for tensor, copy in zip(self.stores[layer].tensors(), copies):
+                    tensor[:, :, slots] = copy[:, :, rows]  # in place: a compiled step's static tensors stay the same
+        self.next_position = position
+
     # ---- bookkeeping ----------------------------------------------------------------------------
     def reset(self) -> None:
         self.next_position = 0
+        self._mark = None
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the cache holds: the stores and the rotation tables."""
