@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import KVCache
-from .engine import decode_one_token, prefill_chunks
+from .engine import decode_one_token, new_cache, prefill_chunks
 from .sampling import SamplingConfig, processed_logits
 
 
@@ -76,12 +76,20 @@ class NgramDrafter(Drafter):
 
 class ModelDrafter(Drafter):
     """A draft model decoding from its own cache. Between proposals the cache keeps the longest prefix of the
-    tokens it was fed that the new context still has; the rest is rolled back (KVCache.mark / rollback)."""
+    tokens it was fed that the new context still has; the rest is rolled back (KVCache.mark / rollback). The
+    cache is allocated at first use and again, twice as long, when a context outgrows it."""
 
-    def __init__(self, model, cache: KVCache, decode_step=decode_one_token):
-        self.model, self.cache, self.decode_step = model, cache, decode_step
+    def __init__(self, model, int8_kv: bool = False, decode_step=decode_one_token):
+        self.model, self.int8_kv, self.decode_step = model, int8_kv, decode_step
+        self.cache: KVCache | None = None
         self.fed: list[int] = []  # the tokens in the cache, in order
         self.device = model.norm.weight.device
+
+    def _reserve(self, tokens: int) -> None:
+        if self.cache is None or self.cache.max_len < tokens:
+            context = self.model.config.max_seq_len
+            self.cache = new_cache(self.model, min(context, max(256, 2 * tokens)), int8=self.int8_kv)
+            self.fed = []
 
     def _keep_prefix_of(self, context: list[int]) -> None:
         common = 0
@@ -99,6 +107,7 @@ class ModelDrafter(Drafter):
 
     @torch.no_grad()
     def propose(self, context, k, sampling, generator) -> Draft:
+        self._reserve(len(context) + k)
         self._keep_prefix_of(context)
         k = min(k, self.cache.max_rollback, self.cache.max_len - len(context) + 1)
         if k < 1:

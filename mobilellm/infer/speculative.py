@@ -17,6 +17,7 @@ Agreement is decided so that the output is the target's own:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -38,6 +39,8 @@ class Speculation:
     accepted: int = 0  # of those, kept
     rounds: int = 0  # target forwards over drafts
     steps: int = 0  # plain one-token target steps (no draft)
+    decoded: int = 0  # tokens yielded after each generate's first (which prefill gives)
+    decode_s: float = 0.0  # seconds from each generate's first token to its last
 
     def __post_init__(self):
         if self.draft_tokens < 1:
@@ -47,11 +50,15 @@ class Speculation:
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
 
-    def summary(self) -> str:
+    @property
+    def tokens_per_forward(self) -> float:
         forwards = self.rounds + self.steps
-        made = self.accepted + forwards
-        return (f"acceptance {100 * self.acceptance_rate:.0f}% ({self.accepted}/{self.drafted} drafted tokens), "
-                f"{made / forwards if forwards else 0:.2f} tokens per target forward")
+        return (self.accepted + forwards) / forwards if forwards else 0.0
+
+    def summary(self) -> str:
+        speed = f"decode {self.decoded / self.decode_s:.1f} tok/s | " if self.decode_s > 0 else ""
+        return (f"{speed}acceptance {100 * self.acceptance_rate:.0f}% ({self.accepted}/{self.drafted} drafted "
+                f"tokens), {self.tokens_per_forward:.2f} tokens per target forward")
 
 
 def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -121,6 +128,7 @@ def generate_speculative(model, prompt: Sequence[int] | torch.Tensor, cache: KVC
     produced = 1
     seen.append(token)
     yield token
+    first_at, decode_s_before = time.perf_counter(), speculation.decode_s
     while token not in stop and produced < max_new_tokens and cache.next_position < cache.max_len:
         start = cache.next_position  # where the pending token goes
         k = min(speculation.draft_tokens, cache.max_rollback - 1, cache.max_len - start - 1,
@@ -152,3 +160,5 @@ def generate_speculative(model, prompt: Sequence[int] | torch.Tensor, cache: KVC
             yield t
         produced += len(new)
         token = new[-1]
+        speculation.decoded += len(new)
+        speculation.decode_s = decode_s_before + time.perf_counter() - first_at
