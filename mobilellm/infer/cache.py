@@ -25,7 +25,7 @@ import torch
 from ..cache_protocol import AttentionCache
 from ..config import ModelConfig
 from ..model import rope_frequencies, rotation_tables
-from ..quant.kernels import int8_kv_attention
+from ..quant.kernels import int8_kv_attention, int8_kv_attention_rows
 from ..quant.math import dequantize_kv_int8, quantize_kv_int8
 
 MiB = 2**20
@@ -110,6 +110,9 @@ class KVCache(AttentionCache):
         self.config, self.max_len, self.int8 = config, max_len, int8
         # Decode steps of sliding and global layers call attend_one_token instead of update (int8 on the CPU).
         self.attends_one_token = int8 and torch.device(device).type == "cpu"
+        # ... and so do chunks of up to 16 tokens (speculative drafts), token by token: each then gets the numbers
+        # of a decode step. The cpu scheme's int8 activations turn a 1e-6 difference into different tokens.
+        self.one_token_chunks = 16 if self.attends_one_token else 1
         self.window = config.sliding_window
         self.next_position = 0
         self._mark: tuple[int, int, dict[int, list[torch.Tensor]]] | None = None  # (position, span, saved ring slots)
@@ -166,15 +169,31 @@ class KVCache(AttentionCache):
         return torch.arange(position, position + 1, device=device) % self.window
 
     def attend_one_token(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Decode (int8 caches): store the new token's k, v (B, n_kv, 1, hd) and return q's (B, H, 1, hd)
-        attention over every key the layer keeps, read from the int8 store without a float copy. Sliding
-        layers: the ring holds exactly the window, filled from slot 0; global layers: every position so far."""
-        start = self.next_position
-        self.check_room(1)
+        """Decode (int8 caches): store the new tokens' k, v (B, n_kv, T, hd) and return q's (B, H, T, hd) attention,
+        each token over every key the layer keeps up to it, read from the int8 store without a float copy: bit for
+        bit what T one-token steps give. Sliding layers: the ring holds exactly the window, filled from slot 0;
+        global layers: every position so far."""
+        start, T = self.next_position, q.shape[2]
+        self.check_room(T)
         store, ring = self.stores[layer], self.is_ring(layer)
-        store.write(self.ring_slot(start, k.device) if ring else slice(start, start + 1), k, v)
-        n = torch.sym_min(start + 1, self.window) if ring else start + 1  # sym_min: no recompile at the wrap
-        return int8_kv_attention(q, store.k, store.k_scale, store.v, store.v_scale, n)
+        if T == 1:
+            store.write(self.ring_slot(start, k.device) if ring else slice(start, start + 1), k, v)
+            n = torch.sym_min(start + 1, self.window) if ring else start + 1  # sym_min: no recompile at the wrap
+            return int8_kv_attention(q, store.k, store.k_scale, store.v, store.v_scale, n)
+        if ring:  # each token overwrites the slot an earlier token of the chunk may still need: one at a time
+            out = []
+            for i in range(T):
+                store.write(self.ring_slot(start + i, k.device), k[:, :, i:i + 1], v[:, :, i:i + 1])
+                out.append(int8_kv_attention(q[:, :, i:i + 1], store.k, store.k_scale, store.v, store.v_scale,
+                                             min(start + i + 1, self.window)))
+            return torch.cat(out, dim=2)
+        store.write(slice(start, start + T), k, v)
+        B, H, _, hd = q.shape  # one kernel call: row (b, i) attends store row b up to its own position
+        rows = torch.arange(B, device=q.device).repeat_interleave(T)
+        n = (start + 1 + torch.arange(T, device=q.device)).repeat(B)
+        out = int8_kv_attention_rows(q.transpose(1, 2).reshape(B * T, H, 1, hd), store.k, store.k_scale, store.v,
+                                     store.v_scale, rows, n)
+        return out.view(B, T, H, hd).transpose(1, 2)
 
     # ---- rolling back ---------------------------------------------------------------------------
     def mark(self, span: int) -> None:

@@ -7,8 +7,10 @@ back past the rest (KVCache.mark / rollback, ring slots of sliding-window layers
 
 Agreement is decided so that the output is the target's own:
 - greedy: a draft is kept while it is the argmax of the target's (penalized) logits, so the text is plain greedy
-  decoding's (up to float rounding: the target's logits come from a k + 1 token forward instead of one-token
-  steps, as prefill's do);
+  decoding's. With an int8 CPU cache (the cpu scheme) every verified token attends through the decode step's
+  kernel (KVCache.one_token_chunks) and the other ops are row by row, so its logits are a decode step's bit for
+  bit: the scheme's int8 activations would turn the 1e-6 differences of a batched attention into other tokens
+  within a few dozen. Float caches attend the chunk at once (prefill's path): equal up to float rounding;
 - sampling: standard speculative sampling (Leviathan et al. 2023; Chen et al. 2023): draft x drawn from q is
   kept with probability min(1, p(x) / q(x)); at the first rejection the token is drawn from the residual
   max(p - q, 0) normalized, and after k kept drafts from p. Every token is then distributed exactly as plain
@@ -133,6 +135,8 @@ def generate_speculative(model, prompt: Sequence[int] | torch.Tensor, cache: KVC
         start = cache.next_position  # where the pending token goes
         k = min(speculation.draft_tokens, cache.max_rollback - 1, cache.max_len - start - 1,
                 max_new_tokens - produced - 1)
+        if cache.attends_one_token:  # verified token by token, as decode steps attend (the same numbers)
+            k = min(k, cache.one_token_chunks - 1)
         draft = speculation.drafter.propose(seen, k, sampling, generator) if k > 0 else Draft([])
         draft = Draft(draft.tokens[:k], None if draft.probs is None else draft.probs[:k])
         if not draft.tokens:  # a plain step
