@@ -301,3 +301,45 @@ def test_generate_command_refuses_a_draft_that_does_not_share_the_tokenizer(chec
     assert "vocabulary has 384 entries, the target's 320" in capsys.readouterr().err
     assert main(run + ["ngram", "--draft-tokens", "0"]) == 2
     assert "draft_tokens must be >= 1" in capsys.readouterr().err
+
+
+# ---- int8 caches: verification is a decode step, bit for bit ------------------------------------
+def test_int8_verification_logits_are_the_decode_steps_logits_exactly():
+    """The cpu scheme (int4 weights, int8 activations and KV), local/global through the ring's wrap: a forward
+    over 9 tokens gives each token the logits one-token decode steps give, to the bit."""
+    from mobilellm.quant import QuantConfig, quantize_
+
+    model = quantize_(build_model(TINY, seed=0).eval(), QuantConfig.from_scheme("cpu")).fuse_projections()
+    tokens = torch.randint(0, TINY.vocab_size, (1, 30), generator=torch.Generator().manual_seed(0))
+    steps, chunk = new_cache(model, 40, int8=True), new_cache(model, 40, int8=True)
+    for cache in (steps, chunk):
+        with torch.no_grad():
+            model.hidden_states(tokens[:, :21], cache=cache)
+    with torch.no_grad():
+        want = torch.cat([model(tokens[:, t:t + 1], cache=steps)[0] for t in range(21, 30)])
+    got = speculative.verify_logits(model, tokens[:, 21:30], chunk)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.slow
+def test_speculative_smollm2_int4_gives_the_plain_greedy_text(smollm2_dir):
+    """The real SmolLM2-135M, cpu scheme: a HumanEval prompt and a summary request, prompt lookup and a draft
+    model (the same SmolLM2, weight-only int4 with float KV: a different model that often agrees)."""
+    from mobilellm.eval.tasks.humaneval import load_humaneval
+    from mobilellm.infer.chat import encode_prompt
+    from mobilellm.loading import load
+    from mobilellm.quant import QuantConfig, quantize_
+
+    loaded = load(smollm2_dir)
+    draft = quantize_(load(smollm2_dir).model.eval(), QuantConfig.from_scheme("accelerator")).fuse_projections()
+    model = quantize_(loaded.model.eval(), QuantConfig.from_scheme("cpu")).fuse_projections()
+    code = load_humaneval()[2].prompt
+    summary = "Summarize in one sentence.\n\n" + code
+    for ids in (encode_prompt(loaded.tokenizer, code, chat=False), encode_prompt(loaded.tokenizer, summary, chat=True)):
+        plain = list(generate(model, ids, new_cache(model, len(ids) + 48, int8=True), max_new_tokens=48))
+        for drafter in (NgramDrafter(), ModelDrafter(draft)):
+            spec = Speculation(drafter, 6)
+            out = list(generate_speculative(model, ids, new_cache(model, len(ids) + 48, int8=True), spec,
+                                            max_new_tokens=48))
+            assert out == plain, (type(drafter).__name__, loaded.tokenizer.decode(out), loaded.tokenizer.decode(plain))
+            assert spec.accepted and spec.drafted > spec.accepted
