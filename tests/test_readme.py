@@ -38,7 +38,7 @@ README = ROOT / "README.md"
 SCALED = [
     (r"^mobilellm pipeline$", "--until mix", "the whole starter run is ~20 minutes: its timed run from a fresh clone is "
      "committed (benchmarks/results/pipeline_starter), and tests/test_pipeline.py runs every stage on tiny configs"),
-    (r"^mobilellm corpus\b", "--max-chars 300000", "8M characters a domain take minutes to build and tokenize"),
+    (r"^mobilellm corpus\b", "--max-chars 800000", "8M characters a domain take minutes to build and tokenize"),
     (r"^mobilellm tokenize\b", "--val-fraction 0.2", "the scaled corpus has a few dozen documents a domain: 1% "
      "held out leaves none in some"),
     (r"^mobilellm mix\b", "--steps 4 --probe-rows 2 --target-rows 2",
@@ -175,7 +175,7 @@ def run_background(command: str, cwd: Path, env: dict, port: int) -> str | None:
     proc = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + (900 if "--compile" in command else 300)  # the first compile: minutes
         while time.monotonic() < deadline and proc.poll() is None:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
