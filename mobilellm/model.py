@@ -116,7 +116,7 @@ class Attention(nn.Module):
             scale = torch.log1p(torch.floor((positions.float() + 1.0) / cfg.attn_floor_scale)) * cfg.attn_scale + 1.0
             q = (q * scale[:, :, None, None]).type_as(q)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, T, hd)
-        if (masks.cached_chunks and cache.attends_one_token and T <= cache.one_token_chunks  # cached_chunks: a cache
+        if (T == 1 and masks.cached_chunks and cache.attends_one_token  # cached_chunks: there is a cache
                 and self.layer_type in ("full_attention", "sliding_attention")):
             y = cache.attend_one_token(self.layer, q, k, v)  # decode straight from the cache's own storage
         else:

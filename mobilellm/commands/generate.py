@@ -6,14 +6,10 @@ import sys
 
 import torch
 
-from ..errors import UserError
 from ..loading import load as load_checkpoint
 from ..infer.chat import ChatSession, generate_text, run_chat
-from ..infer.drafters import ModelDrafter, NgramDrafter
 from ..infer.engine import compiled_decode_step, decode_one_token
 from ..infer.sampling import SamplingConfig
-from ..infer.speculative import Speculation
-from ..tokenizer import Tokenizer
 
 
 def set_threads(threads: int | None) -> None:
@@ -41,30 +37,9 @@ def pick_decode_step(model, compile: bool):
     return compiled_decode_step(model)
 
 
-def speculation_for(speculative: str | None, draft_tokens: int, target, tokenizer: Tokenizer,
-                    compile: bool) -> Speculation | None:
-    """--speculative: `ngram` (prompt lookup), or a draft checkpoint that must share the target's tokenizer."""
-    if speculative is None:
-        return None
-    if speculative == "ngram":
-        return Speculation(NgramDrafter(), draft_tokens)
-    draft = load_checkpoint(speculative)
-    if draft.tokenizer is not None and draft.tokenizer.backend.get_vocab() != tokenizer.backend.get_vocab():
-        raise UserError(f"--speculative {speculative}: the draft model's tokenizer differs from the target's "
-                        f"({tokenizer.origin}); a draft model must share the target's tokenizer")
-    if draft.model.config.vocab_size != target.config.vocab_size:
-        raise UserError(f"--speculative {speculative}: the draft model's vocabulary has {draft.model.config.vocab_size} "
-                        f"entries, the target's {target.config.vocab_size}; they must be the same")
-    model = draft.model.eval().fuse_projections()
-    drafter = ModelDrafter(model, int8_kv=bool(draft.quant and draft.quant.kv_int8),
-                           decode_step=pick_decode_step(model, compile))
-    return Speculation(drafter, draft_tokens)
-
-
 def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens: int = 256,
              sampling: SamplingConfig = SamplingConfig(), int8_kv: bool = False,
-             stop: list[str] | None = None, threads: int | None = None, compile: bool = False,
-             speculative: str | None = None, draft_tokens: int = 4) -> None:
+             stop: list[str] | None = None, threads: int | None = None, compile: bool = False) -> None:
     """Continue a prompt with a checkpoint, streaming the text as it is generated.
 
     Args:
@@ -78,22 +53,15 @@ def generate(checkpoint: str, *, prompt: str, chat: bool = False, max_new_tokens
         threads: CPU threads for torch (1 decodes fastest on a busy machine: benchmarks/results/smollm2_decode*.json)
         compile: torch.compile the decode step (minutes to compile the first time, cached on disk after; then
             int4 pro-1b decodes 1.8x faster at 2 threads: benchmarks/results/int4_roofline.json)
-        speculative: speculative decoding, drafts checked by one forward of the model: `ngram` drafts from the
-            text so far (prompt lookup, no extra model) or give a draft checkpoint sharing the tokenizer; the same
-            text when greedy, the same distribution when sampling; prints the speed and acceptance rate (stderr)
-        draft_tokens: tokens drafted per round with --speculative
     """
     set_threads(threads)
     model, tokenizer, scheme_int8_kv, defaults = load(checkpoint)
-    speculation = speculation_for(speculative, draft_tokens, model, tokenizer, compile)
     for piece in generate_text(model, tokenizer, prompt, chat=chat, max_new_tokens=max_new_tokens,
                                sampling=sampling.over(defaults), int8_kv=int8_kv or scheme_int8_kv, stop_strings=stop or (),
-                               decode_step=pick_decode_step(model, compile), speculation=speculation):
+                               decode_step=pick_decode_step(model, compile)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    if speculation is not None:
-        print(f"speculative {speculative}: {speculation.summary()}", file=sys.stderr, flush=True)
 
 
 def chat(checkpoint: str, *, system: str | None = None, max_new_tokens: int = 512, max_context: int = 4096,

@@ -10,10 +10,6 @@ tokens is attended as [ring slots before the chunk] + [the chunk's own keys], so
 still see their in-window keys that the chunk is about to overwrite; the mask drops what falls out of each
 query's window. Global (and chunked-attention) layers keep every position up to `max_len`.
 
-A cache can be rolled back (speculative decoding feeds drafted tokens, then forgets the rejected ones): `mark(span)`
-copies the ring slots the next `span` tokens will overwrite, `rollback(position)` puts them back and moves
-`next_position`. Global layers need no copy: slots past `next_position` are never read, and are written again.
-
 With `int8=True`, K and V are stored as int8 with one fp32 scale per token and head (symmetric absmax,
 `mobilellm.quant.math.quantize_kv_int8`, the math QAT fakes); they are dequantized to the compute dtype when attended.
 """
@@ -25,7 +21,7 @@ import torch
 from ..cache_protocol import AttentionCache
 from ..config import ModelConfig
 from ..model import rope_frequencies, rotation_tables
-from ..quant.kernels import int8_kv_attention, int8_kv_attention_rows
+from ..quant.kernels import int8_kv_attention
 from ..quant.math import dequantize_kv_int8, quantize_kv_int8
 
 MiB = 2**20
@@ -110,12 +106,8 @@ class KVCache(AttentionCache):
         self.config, self.max_len, self.int8 = config, max_len, int8
         # Decode steps of sliding and global layers call attend_one_token instead of update (int8 on the CPU).
         self.attends_one_token = int8 and torch.device(device).type == "cpu"
-        # ... and so do chunks of up to 16 tokens (speculative drafts), token by token: each then gets the numbers
-        # of a decode step. The cpu scheme's int8 activations turn a 1e-6 difference into different tokens.
-        self.one_token_chunks = 16 if self.attends_one_token else 1
         self.window = config.sliding_window
         self.next_position = 0
-        self._mark: tuple[int, int, dict[int, list[torch.Tensor]]] | None = None  # (position, span, saved ring slots)
         self.stores = [
             KVStore(batch, config.n_kv_heads, self.slots(layer_type), config.head_dim, dtype, int8, device)
             for layer_type in config.layer_types]
@@ -169,78 +161,19 @@ class KVCache(AttentionCache):
         return torch.arange(position, position + 1, device=device) % self.window
 
     def attend_one_token(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Decode (int8 caches): store the new tokens' k, v (B, n_kv, T, hd) and return q's (B, H, T, hd) attention,
-        each token over every key the layer keeps up to it, read from the int8 store without a float copy: bit for
-        bit what T one-token steps give. Sliding layers: the ring holds exactly the window, filled from slot 0;
-        global layers: every position so far."""
-        start, T = self.next_position, q.shape[2]
-        self.check_room(T)
-        store, ring = self.stores[layer], self.is_ring(layer)
-        if T == 1:
-            store.write(self.ring_slot(start, k.device) if ring else slice(start, start + 1), k, v)
-            n = torch.sym_min(start + 1, self.window) if ring else start + 1  # sym_min: no recompile at the wrap
-            return int8_kv_attention(q, store.k, store.k_scale, store.v, store.v_scale, n)
-        if ring:  # each token overwrites the slot an earlier token of the chunk may still need: one at a time
-            out = []
-            for i in range(T):
-                store.write(self.ring_slot(start + i, k.device), k[:, :, i:i + 1], v[:, :, i:i + 1])
-                out.append(int8_kv_attention(q[:, :, i:i + 1], store.k, store.k_scale, store.v, store.v_scale,
-                                             min(start + i + 1, self.window)))
-            return torch.cat(out, dim=2)
-        store.write(slice(start, start + T), k, v)
-        B, H, _, hd = q.shape  # one kernel call: row (b, i) attends store row b up to its own position
-        rows = torch.arange(B, device=q.device).repeat_interleave(T)
-        n = (start + 1 + torch.arange(T, device=q.device)).repeat(B)
-        out = int8_kv_attention_rows(q.transpose(1, 2).reshape(B * T, H, 1, hd), store.k, store.k_scale, store.v,
-                                     store.v_scale, rows, n)
-        return out.view(B, T, H, hd).transpose(1, 2)
-
-    # ---- rolling back ---------------------------------------------------------------------------
-    def mark(self, span: int) -> None:
-        """Make `rollback` to the current position (or any later one) possible while at most `span` more tokens
-        are fed: the ring slots they will overwrite are copied now, each written at most once (span <= window)."""
-        if not 0 <= span <= self.max_rollback:
-            raise ValueError(f"can mark 0..{self.max_rollback} tokens ahead (the sliding window), got {span}")
-        rings = [layer for layer in range(len(self.stores)) if self.is_ring(layer)]
+        """Decode (int8 caches): store the new token's k, v (B, n_kv, 1, hd) and return q's (B, H, 1, hd)
+        attention over every key the layer keeps, read from the int8 store without a float copy. Sliding
+        layers: the ring holds exactly the window, filled from slot 0; global layers: every position so far."""
         start = self.next_position
-        saved = {}
-        if rings:
-            slots = torch.arange(start, start + span, device=self.rotation_table.cos.device) % self.window
-            saved = {layer: [t[:, :, slots].clone() for t in self.stores[layer].tensors()] for layer in rings}
-        self._mark = start, span, saved
-
-    @property
-    def max_rollback(self) -> int:
-        """The most tokens one mark can take back: the sliding window where a layer keeps a ring."""
-        return self.window if any(self.is_ring(layer) for layer in range(len(self.stores))) else self.max_len
-
-    def can_rollback(self, position: int) -> bool:
-        return (self._mark is not None and self._mark[0] <= position <= self.next_position
-                and self.next_position - self._mark[0] <= self._mark[1])
-
-    def rollback(self, position: int) -> None:
-        """Forget every token from `position` on, as if they had never been fed (position between the last
-        mark's and next_position; the mark stays, so a later rollback may go back to it again)."""
-        if self._mark is None:
-            raise ValueError("rollback without a mark: call mark(span) before feeding the tokens to take back")
-        start, span, saved = self._mark
-        if not start <= position <= self.next_position:
-            raise ValueError(f"can roll back to positions {start}..{self.next_position}, got {position}")
-        if self.next_position - start > span:
-            raise ValueError(f"{self.next_position - start} tokens were fed since the mark, which saved {span}")
-        if saved and position < self.next_position:
-            device = self.rotation_table.cos.device
-            slots = torch.arange(position, self.next_position, device=device) % self.window
-            rows = torch.arange(position - start, self.next_position - start, device=device)  # into the saved copy
-            for layer, copies in saved.items():
-                for tensor, copy in zip(self.stores[layer].tensors(), copies):
-                    tensor[:, :, slots] = copy[:, :, rows]  # in place: a compiled step's static tensors stay the same
-        self.next_position = position
+        self.check_room(1)
+        store, ring = self.stores[layer], self.is_ring(layer)
+        store.write(self.ring_slot(start, k.device) if ring else slice(start, start + 1), k, v)
+        n = torch.sym_min(start + 1, self.window) if ring else start + 1  # sym_min: no recompile at the wrap
+        return int8_kv_attention(q, store.k, store.k_scale, store.v, store.v_scale, n)
 
     # ---- bookkeeping ----------------------------------------------------------------------------
     def reset(self) -> None:
         self.next_position = 0
-        self._mark = None
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the cache holds: the stores and the rotation tables."""

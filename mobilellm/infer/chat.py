@@ -15,7 +15,6 @@ from ..tokenizer import Tokenizer
 from .cache import KVCache
 from .engine import ContextError, check_fits, decode_one_token, generate, new_cache
 from .sampling import SamplingConfig, find_stop, safe_prefix
-from .speculative import Speculation, generate_speculative
 
 
 class TextStream:
@@ -165,11 +164,9 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, chat: bool) -> list[int]:
 
 def generate_text(model, tokenizer: Tokenizer, prompt: str, *, chat: bool = False, max_new_tokens: int = 256,
                   sampling: SamplingConfig = SamplingConfig(), int8_kv: bool = False,
-                  stop_strings: Sequence[str] = (), decode_step=decode_one_token,
-                  speculation: Speculation | None = None) -> Iterator[str]:
+                  stop_strings: Sequence[str] = (), decode_step=decode_one_token) -> Iterator[str]:
     """Stream the continuation of `prompt` as text. A prompt that leaves no room to generate is an error.
-    `decode_step` may be engine.compiled_decode_step(model); with `speculation`, tokens come from speculative
-    decoding (the same text when greedy), which counts its drafts there."""
+    `decode_step` may be engine.compiled_decode_step(model)."""
     ids = encode_prompt(tokenizer, prompt, chat)
     context = model.config.max_seq_len
     if len(ids) >= context:
@@ -177,8 +174,7 @@ def generate_text(model, tokenizer: Tokenizer, prompt: str, *, chat: bool = Fals
                            f"shorten it by at least {len(ids) - context + 1} tokens")
     cache = new_cache(model, max_len=min(context, len(ids) + max_new_tokens), int8=int8_kv)
     stop_ids = tuple(tokenizer.eos_ids) or tuple(model.config.eos_ids)
-    options = dict(max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids, decode_step=decode_step)
-    tokens = (generate(model, ids, cache, **options) if speculation is None
-              else generate_speculative(model, ids, cache, speculation, **options))
     with torch.no_grad():
-        yield from stream_text(tokenizer, tokens, stop_strings)
+        yield from stream_text(tokenizer, generate(model, ids, cache, max_new_tokens=max_new_tokens,
+                                                   sampling=sampling, stop_ids=stop_ids, decode_step=decode_step),
+                               stop_strings)

@@ -119,28 +119,19 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def processed_logits(logits: torch.Tensor, config: SamplingConfig, history: torch.Tensor | None = None) -> torch.Tensor:
-    """logits (B, V) as the token is chosen from them: penalized, then (sampling) tempered and filtered. Greedy
-    decoding takes their argmax, sampling draws from their softmax."""
+def sample(logits: torch.Tensor, config: SamplingConfig, history: torch.Tensor | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V)."""
     logits = logits.float()
     if config.penalty != 1.0 and history is not None and history.numel():
         logits = apply_repetition_penalty(logits, history, config.penalty)
     if config.greedy:
-        return logits
+        return logits.argmax(-1)
     logits = logits / config.temperature
     if config.top_k:
         logits = filter_top_k(logits, config.top_k)
     if config.top_p is not None and config.top_p < 1:
         logits = filter_top_p(logits, config.top_p)
-    return logits
-
-
-def sample(logits: torch.Tensor, config: SamplingConfig, history: torch.Tensor | None = None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, V)."""
-    logits = processed_logits(logits, config, history)
-    if config.greedy:
-        return logits.argmax(-1)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 

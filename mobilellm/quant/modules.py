@@ -134,10 +134,6 @@ class _Int8KV(AttentionCache):
     def attends_one_token(self) -> bool:  # an int8 cache's decode path already stores what this would
         return self.cache is not None and self.cache.int8 and self.cache.attends_one_token
 
-    @property
-    def one_token_chunks(self) -> int:
-        return self.cache.one_token_chunks
-
     def attend_one_token(self, layer, q, k, v):
         return self.cache.attend_one_token(layer, q, k, v)
 
