@@ -53,7 +53,8 @@ JUNK_SOURCE = "prose"
 def main_recipe(shards: str, weights: dict, args):
     """The starter student on `weights`, CE, the experiment's steps and batch (no mid-run evaluation)."""
     recipe = starter().replace(objective=CE(), shards=shards, domain_weights=weights, prepare=None, seed=args.seed,
-                               seq_len=args.seq_len, global_batch_rows=args.batch, micro_batch_rows=args.batch)
+                               seq_len=args.seq_len, global_batch_rows=args.batch, micro_batch_rows=args.batch,
+                               max_doc_tokens=args.seq_len + 1)
     return recipe.with_steps(args.steps).replace_train(eval_every=0, save_every=0, print_every=10)
 
 
@@ -150,6 +151,7 @@ def main() -> None:
                "junk ranked last": min(mix["weights"], key=mix["weights"].get) == f"shuffled-{JUNK_SOURCE}",
                "junk under half the uniform weight": mix["weights"][f"shuffled-{JUNK_SOURCE}"]
                < 0.5 * mix["uniform"][f"shuffled-{JUNK_SOURCE}"],
+               "simulation at most 10% of a main run (FLOPs)": cost["flop_fraction"] <= 0.10,
                "simulation at most 10% of a main run (seconds)": cost["seconds_fraction"] <= 0.10}
     for name in arms:
         print(f"{name:>8}: " + "  ".join(f"{k} {v:.4f}" for k, v in report[name].items()) +

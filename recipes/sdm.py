@@ -40,6 +40,7 @@ def starter_proxy(shards: str | None = None, *, steps: int = 40, rows: int = 4, 
         objective=CE(),
         seed=seed,
         val_batches=0,
+        max_doc_tokens=seq_len + 1,  # as the starter draws its data: every row from a document of its own
         prepare=None if shards else build_shards,
     )
 

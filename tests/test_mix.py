@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mobilellm.data import DataError, TokenDataset
+from mobilellm.data.mixture import DocLengths
 from mobilellm.mix import (MixConfig, MixMapping, Target, aggregate, clip_to_bounds, mean_gradient, read_mix,
                            shuffle_documents, simulate, with_junk_domain)
 from mobilellm.mix.influence import alignments
@@ -91,6 +92,18 @@ def test_a_domain_whose_data_is_the_target_has_utility_one(data):
     assert result["utilities"]["same"] == pytest.approx(1.0, abs=1e-5)
     assert result["utilities"]["other"] < 0.999
 
+
+def test_probes_draw_documents_in_the_pieces_the_proxy_trains_on(data):
+    """A probe block of a recipe with max_doc_tokens holds pieces of at most that many tokens each."""
+    shards, _ = data
+    whole = next(domain_probes(TokenDataset(shards), ["count"], 32, 4, seed=0))["count"]
+    cut = next(domain_probes(TokenDataset(shards), ["count"], 32, 4, seed=0, lengths=DocLengths(max_tokens=9)))["count"]
+
+    def longest_document(rows):
+        return max(int((row == d).sum()) for row in rows["doc_ids"] for d in row.unique())
+
+    assert longest_document(whole) > 9  # counting documents run 21-61 tokens
+    assert longest_document(cut) <= 9
 
 # ---- the junk domain ------------------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from typing import Callable
 
 from ..atomic import write_json_atomic
 from ..data import DataError, TokenDataset
-from ..data.mixture import normalize_weights
+from ..data.mixture import DocLengths, normalize_weights
 from ..loading import load
 from ..tokenizer import Tokenizer
 from ..train.checkpoint import CHECKPOINTS, STEP_DIR
@@ -144,7 +144,8 @@ def simulate(proxy: Recipe, target: Target, out: str | Path, *, config: MixConfi
         raise DataError(f"proxy run {out / 'proxy'} lacks the checkpoints of steps {missing} (it was run with other "
                         "settings?): remove it, or give another --out")
 
-    probes = domain_probes(dataset, domains, proxy.seq_len, config.probe_rows, seed=proxy.seed + 1)
+    probes = domain_probes(dataset, domains, proxy.seq_len, config.probe_rows, seed=proxy.seed + 1,
+                           lengths=DocLengths(max_tokens=proxy.max_doc_tokens))
     measured = []
     for step in steps:
         model = load(found[step]).model.to(parallel.device)

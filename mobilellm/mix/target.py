@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..data import DataError, MixtureLoader, Source, TokenDataset, collate, read_documents
-from ..data.mixture import packed_rows
+from ..data.mixture import DocLengths, packed_rows
 from ..tokenizer import Tokenizer
 
 Rows = dict[str, torch.Tensor]  # a collated block of rows: tokens, targets, positions, doc_ids (R, T)
@@ -101,11 +101,14 @@ def pack(store, seq_len: int, rows: int, part: tuple[int, int] = (0, 1)) -> Rows
     return collate(packed)
 
 
-def domain_probes(dataset: TokenDataset, domains: list[str], seq_len: int, rows: int, seed: int):
+def domain_probes(dataset: TokenDataset, domains: list[str], seq_len: int, rows: int, seed: int,
+                  lengths: DocLengths = DocLengths()):
     """Per domain, an endless stream of blocks of `rows` training rows (a new block per checkpoint): the data
-    whose gradient is compared with the target's. Seeded, the same for every number of processes."""
-    loaders = {d: MixtureLoader(dataset, {d: 1.0}, seq_len=seq_len, global_batch_size=rows, seed=seed)
-               for d in domains}
+    whose gradient is compared with the target's, drawn as the proxy draws it (`lengths`: the recipe's document
+    pieces, so a block spans many documents rather than one long one). Seeded, the same for every number of
+    processes."""
+    loaders = {d: MixtureLoader(dataset, {d: 1.0}, seq_len=seq_len, global_batch_size=rows, seed=seed,
+                                lengths=lengths) for d in domains}
     while True:
         yield {d: next(loader) for d, loader in loaders.items()}
 
