@@ -86,14 +86,14 @@ def plot_losses(report: dict, out: Path, title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=80, help="optimizer steps of every main arm")
+    parser.add_argument("--steps", type=int, default=400, help="optimizer steps of every main arm")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--proxy-steps", type=int, default=40)
+    parser.add_argument("--proxy-steps", type=int, default=64)
     parser.add_argument("--proxy-batch", type=int, default=2)
-    parser.add_argument("--probe-rows", type=int, default=2, help="training rows per domain and checkpoint")
+    parser.add_argument("--probe-rows", type=int, default=4, help="training rows per domain and checkpoint")
     parser.add_argument("--target-rows", type=int, default=4, help="target rows per target domain")
-    parser.add_argument("--eval-batches", type=int, default=2, help="report-half batches per domain")
+    parser.add_argument("--eval-batches", type=int, default=8, help="report-half batches per domain")
     parser.add_argument("--bigbench", default="bigbench_elementary_math_qa,bigbench_winowhy",
                         help="multiple-choice tasks scored for every arm ('' for none)")
     parser.add_argument("--bigbench-limit", type=int, default=30)
