@@ -8,6 +8,8 @@
   without, the same run otherwise (unigram: 7.27). The student starts subcloned from the teacher (its layers,
   heads, neurons and residual dimensions that carry the most weight): 7.33 vs 7.58 from a random start, without
   the pieces (one seed each). It proves the chain end to end; a 19M model on 82k tokens is not yet a language model.
+- `starter-kd`: the starter plus the KD-vs-CE arms of its phase 1 (two seeds, the starter's 82k tokens per arm,
+  subcloned from the teacher): the KD experiment in under an hour (`--until phase1-baseline`).
 - `starter-experiment`: the starter at a larger budget plus the KD-vs-CE experiment of phase 1 (SPEC.md 2.1:
   49.31 -> 53.74 average in the paper), both arms at the same tokens for two seeds, scored on held-out loss
   and BIG-bench multiple choice, paired on the same items. Phase 1 is 1,000 steps of 8 x 256 tokens (2M tokens)
@@ -152,6 +154,12 @@ def starter_experiment() -> Plan:
     )
 
 
+def starter_kd() -> Plan:
+    """The starter plus the KD-vs-CE arms of its phase 1 (two seeds, the starter's budget): about 40 minutes on 2 CPU
+    cores up to the baseline (`--until phase1-baseline`), every arm subcloned from the teacher as the starter is."""
+    return starter().replace(name="starter-kd", baseline=BaselineSpec(seeds=(0, 1)))
+
+
 def pro_1b_plan() -> Plan:
     """MobileLLM-Pro's budgets (SPEC.md 2); the corpus, tokenizer and teacher are the user's."""
     h100 = Compute(peak_flops=pro.H100_BF16_PEAK, mfu=0.40, teacher_params=17e9, device="H100")
@@ -184,7 +192,7 @@ def pro_1b_plan() -> Plan:
     )
 
 
-PLANS = {"starter": starter, "starter-experiment": starter_experiment, "pro-1b": pro_1b_plan}
+PLANS = {"starter": starter, "starter-kd": starter_kd, "starter-experiment": starter_experiment, "pro-1b": pro_1b_plan}
 
 
 def get_plan(name: str) -> Plan:

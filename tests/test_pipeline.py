@@ -222,3 +222,21 @@ def test_pro_1b_dry_run_states_each_stage_budget_and_its_compute(capsys, tmp_pat
     assert next(line for line in text.splitlines() if line.startswith("phase2 ")).split()[3] == "19,660,800,000"
     assert cli(["pipeline", "--from", "nonsense", "--out", str(tmp_path / "x")]) == 2
     assert "--from nonsense: no such stage" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_every_named_plan_builds_and_the_kd_tiers_end_phase1_with_the_baseline():
+    """Each plan of recipes/pipeline.py builds its stages and dry-run plan; the KD tiers add the baseline after
+    phase 1, at the same phase-1 recipe as the main run, the starter's tier with its subcloned start."""
+    from mobilellm.pipeline import dry_run_text
+    from recipes.pipeline import PLANS, get_plan
+
+    for name in PLANS:
+        plan = get_plan(name)
+        names = [s.name for s in build_stages(plan)]
+        assert dry_run_text(plan, build_stages(plan)).startswith(f"pipeline {name}:")
+        has_baseline = name in ("starter-kd", "starter-experiment")
+        assert ("phase1-baseline" in names) == has_baseline, name
+        if has_baseline:
+            assert names[names.index("phase1") + 1] == "phase1-baseline"
+    starter, kd = get_plan("starter"), get_plan("starter-kd")
+    assert kd.phase1 == starter.phase1 and kd.phase1.summary()["inherit"] and kd.baseline.seeds == (0, 1)

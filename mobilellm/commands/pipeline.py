@@ -18,11 +18,11 @@ def pipeline(*, recipe: str = "starter", out: Path | None = None, from_: str | N
     content hashes, its recipe, time, tokens, metrics) when finished. Run it again and finished stages whose inputs
     are unchanged are skipped, a killed stage resumes from its last checkpoint, and a stage whose recipe changed
     runs again with the stages after it. The recipes are `recipes/pipeline.py`: starter (the default, minutes on a
-    CPU), starter-experiment (larger, with phase 1 by KD and by CE side by side, two seeds), pro-1b (MobileLLM-Pro's
-    budgets; --dry-run states its compute).
+    CPU), starter-kd (the starter with its phase 1 by KD and by CE side by side, two seeds), starter-experiment
+    (larger, the same KD-vs-CE arms), pro-1b (MobileLLM-Pro's budgets; --dry-run states its compute).
 
     Args:
-        recipe: starter, starter-experiment or pro-1b (recipes/pipeline.py), or package.module:function, a
+        recipe: starter, starter-kd, starter-experiment or pro-1b (recipes/pipeline.py), or package.module:function, a
             function of your own code returning a mobilellm.pipeline.Plan
         out: the run folder (default: runs/RECIPE)
         from_: run again from this stage on (the stages before it must be finished)

@@ -2,7 +2,7 @@
 `RecipeCall`, a recipe function of `recipes/` with its settings, called at run time with what the stages before
 it produced (the shards, the mix, the checkpoint it starts from).
 
-The plans themselves live in `recipes/pipeline.py` (starter, starter-experiment, pro-1b).
+The plans themselves live in `recipes/pipeline.py` (starter, starter-kd, starter-experiment, pro-1b).
 """
 
 from __future__ import annotations

@@ -273,7 +273,8 @@ def baseline_section(doc: Doc, records: dict[str, Record], out: Path):
     record = records["phase1-baseline"]
     m = record.data["metrics"]
     doc.heading("Knowledge distillation against its baseline (phase 1, same tokens and seed)")
-    doc.para(f"Each arm trains phase 1 from scratch on {fmt(m.get('tokens_per_arm'))} tokens of the same mix: kd "
+    start = "subcloned from the teacher" if record.data["settings"]["recipe"].get("inherit") else "from scratch"
+    doc.para(f"Each arm trains phase 1 ({start}) on {fmt(m.get('tokens_per_arm'))} tokens of the same mix: kd "
              "(KL to the teacher) or ce (next-token cross-entropy), same seed per pair. The paper: 49.31 -> 53.74 "
              "average (SPEC.md 2.1).")
     tasks = score_columns(m["arms"])

@@ -131,11 +131,15 @@ def phase1_recipe(plan: Plan, run: StageRun, **changes):
                        student=plan.student, **changes)
 
 
+def phase1_start(plan: Plan, recipe) -> str:
+    """Where a phase-1 student starts, for the lineage: subcloned from the teacher, or drawn at random."""
+    return (f"subcloned from {plan.teacher} ({plan.student.name})" if recipe.inherit
+            else f"scratch ({plan.student.name}, seed {recipe.seed})")
+
+
 def phase1_stage(plan: Plan, run: StageRun) -> StageResult:
     recipe = phase1_recipe(plan, run)
-    start = (f"subcloned from {plan.teacher} ({plan.student.name})" if recipe.inherit
-             else f"scratch ({plan.student.name}, seed {recipe.seed})")
-    ckpt, metrics, lineage = train(run, recipe, parents=(start,
+    ckpt, metrics, lineage = train(run, recipe, parents=(phase1_start(plan, recipe),
                                                          f"teacher {plan.teacher}"), how="phase 1: KD pretraining")
     return StageResult({"checkpoint": _rel(run, ckpt)}, metrics=metrics, tokens=metrics["tokens"],
                        files={"run": TRAIN_RUN}, lineage=[lineage])
@@ -263,8 +267,8 @@ def baseline_stage(plan: Plan, run: StageRun) -> StageResult:
             if arm == "ce":
                 recipe = recipe.replace(objective=CE())
             teacher = (f"teacher {plan.teacher}",) if arm == "kd" else ()
-            arms[name], _, entry = train(run, recipe, sub=name, parents=(
-                f"scratch ({plan.student.name}, seed {seed})", *teacher), how=f"phase 1 baseline arm: {arm}, seed {seed}")
+            arms[name], _, entry = train(run, recipe, sub=name, parents=(phase1_start(plan, recipe), *teacher),
+                                         how=f"phase 1 baseline arm: {arm}, seed {seed}")
             lineage.append(entry)
     for name, ckpt in arms.items():
         results[name] = evaluate_model(plan, run, name, ckpt)
