@@ -7,11 +7,12 @@ every reported loss comes from the odd-indexed ones, which the mixer never sees)
 
 Arms, all the starter student (19M) from the same seed, CE, the same steps and tokens:
 - uniform: every domain alike (junk included); natural: token-proportional; sdm: `mobilellm mix`'s weights, found
-  by the starter's SDM stage (`recipes/sdm.py`: a 7M proxy, K=4 checkpoints).
+  by the starter's SDM stage (`recipes/sdm.py`: a 7M proxy, K=4 checkpoints). Every run, proxy and arms, draws
+  documents in row-sized pieces, as the starter does (whole plays otherwise fill dozens of consecutive rows).
 Reported: held-out loss per domain, the target's average loss, accuracy on BIG-bench multiple-choice tasks that
 no corpus text comes from, and the simulation's cost as a fraction of one main run (tokens and seconds).
 
-    python benchmarks/sdm_mix.py --seed 0            # about 14 minutes on 2 cores; --seed 1 for the repeat
+    python benchmarks/sdm_mix.py --seed 0            # about 27 minutes on 2 cores; --seed 1 for the repeat
     python benchmarks/sdm_mix.py --smoke             # end to end in about 2 minutes, nothing written to results/
 """
 
