@@ -9,7 +9,7 @@
   heads, neurons and residual dimensions that carry the most weight): 7.33 vs 7.58 from a random start, without
   the pieces (one seed each). It proves the chain end to end; a 19M model on 82k tokens is not yet a language model.
 - `starter-kd`: the starter plus the KD-vs-CE arms of its phase 1 (two seeds, the starter's 82k tokens per arm,
-  subcloned from the teacher): the KD experiment in under an hour (`--until phase1-baseline`).
+  subcloned from the teacher): the KD experiment at the starter's scale (`--until phase1-baseline`).
 - `starter-experiment`: the starter at a larger budget plus the KD-vs-CE experiment of phase 1 (SPEC.md 2.1:
   49.31 -> 53.74 average in the paper), both arms at the same tokens for two seeds, scored on held-out loss
   and BIG-bench multiple choice, paired on the same items. Phase 1 is 1,000 steps of 8 x 256 tokens (2M tokens)
@@ -155,8 +155,9 @@ def starter_experiment() -> Plan:
 
 
 def starter_kd() -> Plan:
-    """The starter plus the KD-vs-CE arms of its phase 1 (two seeds, the starter's budget): about 40 minutes on 2 CPU
-    cores up to the baseline (`--until phase1-baseline`), every arm subcloned from the teacher as the starter is."""
+    """The starter plus the KD-vs-CE arms of its phase 1 (two seeds, the starter's budget): four phase-1 runs the
+    size of the starter's (461 s alone in the committed starter run) up to the baseline (`--until phase1-baseline`),
+    every arm subcloned from the teacher as the starter is."""
     return starter().replace(name="starter-kd", baseline=BaselineSpec(seeds=(0, 1)))
 
 

@@ -105,6 +105,7 @@ def test_probes_draw_documents_in_the_pieces_the_proxy_trains_on(data):
     assert longest_document(whole) > 9  # counting documents run 21-61 tokens
     assert longest_document(cut) <= 9
 
+
 # ---- the junk domain ------------------------------------------------------------------------------------------
 
 def test_shuffled_documents_keep_their_tokens_and_eos():

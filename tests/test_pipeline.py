@@ -232,8 +232,9 @@ def test_every_named_plan_builds_and_the_kd_tiers_end_phase1_with_the_baseline()
 
     for name in PLANS:
         plan = get_plan(name)
-        names = [s.name for s in build_stages(plan)]
-        assert dry_run_text(plan, build_stages(plan)).startswith(f"pipeline {name}:")
+        stages = build_stages(plan)
+        names = [s.name for s in stages]
+        assert dry_run_text(plan, stages).startswith(f"pipeline {name}:")
         has_baseline = name in ("starter-kd", "starter-experiment")
         assert ("phase1-baseline" in names) == has_baseline, name
         if has_baseline:
