@@ -168,8 +168,10 @@ def test_greedy_chat_streamed_and_not_equals_mobilellm_generate(int4_dir, client
     streamed, streamed_tokens, streamed_finish, streamed_usage = chat(client, PROMPTS[0], 24, stream=True)
     assert "Paris" in text
     assert text == want and streamed == want
-    assert streamed_tokens == tokens and (finish, streamed_finish) == ("length", "length")
-    assert usage.completion_tokens == 24 and usage.total_tokens == usage.prompt_tokens + 24
+    # The wording differs between CPUs: on some the answer ends (EOS) before the 24-token limit.
+    expected_finish = "length" if len(tokens) == 24 else "stop"
+    assert streamed_tokens == tokens and (finish, streamed_finish) == (expected_finish, expected_finish)
+    assert usage.completion_tokens == len(tokens) and usage.total_tokens == usage.prompt_tokens + len(tokens)
     assert streamed_usage.model_dump() == usage.model_dump() or streamed_usage.prompt_tokens_details.cached_tokens > 0
     assert usage.prompt_tokens == len(tokenizer.encode(tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPTS[0]}])))
