@@ -57,6 +57,8 @@ def test_pipeline_end_to_end_then_skips_then_reruns_only_a_changed_stage_and_aft
     assert final.quant is not None and final.quant.scheme == "cpu" and final.model.config.max_seq_len == 256
     ev = records["eval"].data["metrics"]
     assert list(ev["models"]) == MODELS
+    for name, result in ev["models"].items():  # recorded where it lies once the stage is done, not in its .partial
+        assert Path(result["checkpoint"]).exists(), (name, result["checkpoint"])
     assert ev["models"]["final, fake quant"]["checkpoint"] == str(records["dpo"].path("checkpoint"))
     assert ev["vs_full_precision"]["PTQ int4"]["tasks"][0]["task"] == "arc_easy"
     assert records["export"].data["metrics"]["pte"].startswith(("model.pte", "skipped: ExecuTorch"))
@@ -129,6 +131,9 @@ def test_kd_versus_ce_arms_same_tokens_and_seed_two_seeds_paired_in_the_report(i
     m = base.data["metrics"]
     assert list(m["arms"]) == ["kd-seed0", "ce-seed0", "kd-seed1", "ce-seed1"]
     assert m["arms"]["kd-seed0"]["checkpoint"] == str(records["phase1"].path("checkpoint"))  # the main run
+    for arm, r in m["arms"].items():  # the trained arms' checkpoints as they lie after the stage, in results too
+        saved = json.loads((base.path("results").parent / f"{arm}.results.json").read_text())
+        assert Path(r["checkpoint"]).exists() and saved["model"]["checkpoint"] == r["checkpoint"], arm
     main = json.loads((records["phase1"].file("run") / "recipe.json").read_text())
     for arm in ("ce-seed0", "kd-seed1", "ce-seed1"):
         recipe = json.loads((base.file(arm) / "recipe.json").read_text())
