@@ -51,6 +51,21 @@ TARGET_DOMAINS = ("math", "bigbench")
 JUNK_SOURCE = "prose"
 
 
+def experiment_shards(base: Path) -> Path:
+    """The starter corpus with its extra domains, tokenized with SmolLM2's tokenizer, 10% of documents held out."""
+    return starter_shards(base, cache_root() / "shards" / "sdm-starter-smollm2-135m", val_fraction=0.1,
+                          domains=ALL_DOMAINS)
+
+
+def run_simulation(shards: Path, out: Path, *, seed: int, proxy_steps: int, proxy_batch: int, seq_len: int,
+                   probe_rows: int, target_rows: int) -> dict:
+    """The experiment's SDM simulation (the starter's 7M proxy, K=4 checkpoints, the junk domain): mix.json's content."""
+    proxy = starter_proxy(str(shards), steps=proxy_steps, rows=proxy_batch, seq_len=seq_len, seed=seed)
+    target = Target(domains=TARGET_DOMAINS, rows=target_rows, part=(0, 2))
+    return simulate(proxy, target, out, config=MixConfig(checkpoints=4, probe_rows=probe_rows,
+                                                         micro_rows=probe_rows, junk=JUNK_SOURCE))
+
+
 def main_recipe(shards: str, weights: dict, args):
     """The starter student on `weights`, CE, the experiment's steps and batch (no mid-run evaluation)."""
     recipe = starter().replace(objective=CE(), shards=shards, domain_weights=weights, prepare=None, seed=args.seed,
@@ -107,15 +122,12 @@ def main() -> None:
         args.steps, args.proxy_steps, args.eval_batches, args.bigbench_limit = 4, 8, 1, 4
     torch.manual_seed(args.seed)
     base = fetch_smollm2()
-    shards = starter_shards(base, cache_root() / "shards" / "sdm-starter-smollm2-135m", val_fraction=0.1,
-                            domains=ALL_DOMAINS)
+    shards = experiment_shards(base)
     work = args.work or Path(tempfile.mkdtemp(prefix="sdm-mix-"))
 
-    proxy = starter_proxy(str(shards), steps=args.proxy_steps, rows=args.proxy_batch, seq_len=args.seq_len,
-                          seed=args.seed)
-    target = Target(domains=TARGET_DOMAINS, rows=args.target_rows, part=(0, 2))
-    mix = simulate(proxy, target, work / "mix", config=MixConfig(checkpoints=4, probe_rows=args.probe_rows,
-                                                                  micro_rows=args.probe_rows, junk=JUNK_SOURCE))
+    mix = run_simulation(shards, work / "mix", seed=args.seed, proxy_steps=args.proxy_steps,
+                         proxy_batch=args.proxy_batch, seq_len=args.seq_len, probe_rows=args.probe_rows,
+                         target_rows=args.target_rows)
     data = mix["data"]["shards"]  # the shards plus the junk domain
     arms = {"uniform": mix["uniform"], "natural": mix["natural"], "sdm": mix["weights"]}
     seconds, folders = {}, {}

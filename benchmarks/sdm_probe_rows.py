@@ -21,14 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mobilellm.artifacts import cache_root, fetch_smollm2  # noqa: E402
-from mobilellm.data.starter import ALL_DOMAINS, starter_shards  # noqa: E402
-from mobilellm.mix import MixConfig, Target, simulate  # noqa: E402
-from recipes.sdm import starter_proxy  # noqa: E402
+from mobilellm.artifacts import fetch_smollm2  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import machine_info, write_json  # noqa: E402
-from sdm_mix import JUNK_SOURCE, TARGET_DOMAINS  # noqa: E402
+from sdm_mix import JUNK_SOURCE, experiment_shards, run_simulation  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "sdm_probe_rows.json"
 
@@ -40,9 +37,7 @@ def main() -> None:
     parser.add_argument("--proxy-steps", type=int, default=64)
     parser.add_argument("--target-rows", type=int, default=4)
     args = parser.parse_args()
-    base = fetch_smollm2()
-    shards = starter_shards(base, cache_root() / "shards" / "sdm-starter-smollm2-135m", val_fraction=0.1,
-                            domains=ALL_DOMAINS)
+    shards = experiment_shards(fetch_smollm2())
     junk = f"shuffled-{JUNK_SOURCE}"
     runs = []
     with tempfile.TemporaryDirectory(prefix="sdm-probe-rows-") as work:
@@ -50,10 +45,9 @@ def main() -> None:
             for seed in args.seeds:
                 torch.manual_seed(seed)
                 start = time.perf_counter()
-                proxy = starter_proxy(str(shards), steps=args.proxy_steps, rows=2, seq_len=128, seed=seed)
-                mix = simulate(proxy, Target(domains=TARGET_DOMAINS, rows=args.target_rows, part=(0, 2)),
-                               Path(work) / f"rows{rows}-seed{seed}",
-                               config=MixConfig(checkpoints=4, probe_rows=rows, micro_rows=rows, junk=JUNK_SOURCE))
+                mix = run_simulation(shards, Path(work) / f"rows{rows}-seed{seed}", seed=seed,
+                                     proxy_steps=args.proxy_steps, proxy_batch=2, seq_len=128, probe_rows=rows,
+                                     target_rows=args.target_rows)
                 utilities = mix["utilities"]
                 last = min(utilities, key=utilities.get)
                 runs.append({"rows": rows, "seed": seed, "last": last, "utilities": utilities,

@@ -35,14 +35,9 @@ def _rel(run: StageRun, path: Path) -> str:
 
 
 def _final(run: StageRun, path: Path) -> str:
-    """Where a path of the work folder lives once the stage is finished (for lineage)."""
-    return str(run.final / _rel(run, path))
-
-
-def _recorded(run: StageRun, path: Path) -> str:
-    """A path as the stage's files record it: where it will be once the stage is done (the work folder is
-    renamed then), or as it is when it lies outside the work folder (an earlier stage's output)."""
-    return _final(run, path) if Path(path).is_relative_to(run.work) else str(path)
+    """A path as the stage's files record it: where a path of the work folder lives once the stage is finished
+    (the work folder is renamed then), or the path itself when it lies outside (an earlier stage's output)."""
+    return str(run.final / _rel(run, path)) if Path(path).is_relative_to(run.work) else str(path)
 
 
 def train_metrics(run_dir: Path) -> dict:
@@ -312,7 +307,7 @@ def evaluate_model(plan: Plan, run: StageRun, name: str, checkpoint: Path) -> di
     tokens = [int(ce.count(b)) for b in batches]
     per_batch = [s / t for s, t in zip(sums, tokens)]
     loss = sum(sums) / sum(tokens)
-    result = {"checkpoint": _recorded(run, checkpoint), "held_out_loss": loss, "held_out_perplexity": math.exp(loss),
+    result = {"checkpoint": _final(run, checkpoint), "held_out_loss": loss, "held_out_perplexity": math.exp(loss),
               "held_out_batches": per_batch, "held_out_tokens": sum(tokens), "model": None, "tasks": {}}
     if plan.eval.tasks:
         tasks = run_tasks(lm, list(plan.eval.tasks), data_dir=Path(plan.eval.data_dir) if plan.eval.data_dir else None,
