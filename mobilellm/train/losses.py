@@ -133,12 +133,17 @@ def target_rows(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, need_grad: bool, weights: torch.Tensor | None = None):
     """Summed CE (each row's times `weights` (n,) when given) and its gradient weight * (softmax - onehot),
     written over the logits buffer (no autograd graph)."""
-    lse = logits.logsumexp(-1, keepdim=True)  # (n, 1)
-    ce = lse.squeeze(1) - logits.gather(1, targets[:, None]).squeeze(1)  # (n,)
-    loss = ce.sum() if weights is None else (ce * weights).sum()
     if not need_grad:
-        return loss, None
-    grad = logits.sub_(lse).exp_()  # softmax, in place
+        ce = logits.logsumexp(-1) - logits.gather(1, targets[:, None]).squeeze(1)  # (n,)
+        return (ce.sum() if weights is None else (ce * weights).sum()), None
+    # One exp pass serves both the loss and the softmax: logsumexp would take its own (and a (n, V) temporary)
+    picked = logits.gather(1, targets[:, None]).squeeze(1)  # (n,)
+    peak = logits.amax(-1, keepdim=True)  # (n, 1)
+    grad = logits.sub_(peak).exp_()  # unnormalised softmax, in place
+    total = grad.sum(-1, keepdim=True)
+    ce = (peak + total.log()).squeeze(1) - picked  # logsumexp - target logit
+    loss = ce.sum() if weights is None else (ce * weights).sum()
+    grad.div_(total)
     grad[torch.arange(len(targets), device=grad.device), targets] -= 1
     return loss, grad if weights is None else grad.mul_(weights[:, None])
 
