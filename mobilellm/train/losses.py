@@ -133,16 +133,18 @@ def target_rows(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, need_grad: bool, weights: torch.Tensor | None = None):
     """Summed CE (each row's times `weights` (n,) when given) and its gradient weight * (softmax - onehot),
     written over the logits buffer (no autograd graph)."""
-    if not need_grad:
-        ce = logits.logsumexp(-1) - logits.gather(1, targets[:, None]).squeeze(1)  # (n,)
-        return (ce.sum() if weights is None else (ce * weights).sum()), None
-    # One exp pass serves both the loss and the softmax: logsumexp would take its own (and a (n, V) temporary)
     picked = logits.gather(1, targets[:, None]).squeeze(1)  # (n,)
-    peak = logits.amax(-1, keepdim=True)  # (n, 1)
-    grad = logits.sub_(peak).exp_()  # unnormalised softmax, in place
-    total = grad.sum(-1, keepdim=True)
-    ce = (peak + total.log()).squeeze(1) - picked  # logsumexp - target logit
+    if need_grad:  # one exp pass serves the loss and the softmax (logsumexp takes its own, and a (n, V) temporary)
+        peak = logits.amax(-1, keepdim=True)  # (n, 1)
+        grad = logits.sub_(peak).exp_()  # unnormalised softmax, in place
+        total = grad.sum(-1, keepdim=True)
+        lse = (peak + total.log()).squeeze(1)
+    else:
+        lse = logits.logsumexp(-1)
+    ce = lse - picked  # (n,)
     loss = ce.sum() if weights is None else (ce * weights).sum()
+    if not need_grad:
+        return loss, None
     grad.div_(total)
     grad[torch.arange(len(targets), device=grad.device), targets] -= 1
     return loss, grad if weights is None else grad.mul_(weights[:, None])
